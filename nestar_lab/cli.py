@@ -1,0 +1,167 @@
+"""The ``nestar`` command: thin wrappers around the library.
+
+    nestar train CONFIG [--set KEY=VALUE ...] [--run-dir DIR]   |   nestar train --resume RUN_DIR
+    nestar sample RUN_DIR [--num N] [--out FILE.png] [--seed S] [--set sample.cfg_scale=3]
+    nestar run CONFIG [--set ...]      train, sample, evaluate (metrics.json, samples.png)
+    nestar eval RUN_DIR                evaluate a trained run again
+    nestar plugins                     every registered plugin: kind, name, provider
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nestar_lab.config import ConfigError, apply_overrides, validate_config
+from nestar_lab.registry import PluginError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nestar", description="Nested AutoRegressive models: a research sandbox")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_set(sp):
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. generator.params.k=4 (repeatable)")  # fmt: skip
+
+    t = sub.add_parser("train", help="train a config (or resume a run)")
+    t.add_argument("config", nargs="?", help="experiment YAML")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--run-dir", help="where to put the run (default: output_dir/name-time)")
+    add_set(t)
+
+    r = sub.add_parser("run", help="train, then sample and evaluate")
+    r.add_argument("config")
+    r.add_argument("--run-dir")
+    add_set(r)
+
+    s = sub.add_parser("sample", help="write a grid of samples (one row per class)")
+    s.add_argument("run_dir")
+    s.add_argument("--num", type=int, default=100, help="images in all (split evenly over classes)")
+    s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/grid.png)")
+    s.add_argument("--seed", type=int, default=0)
+    add_set(s)
+
+    e = sub.add_parser("eval", help="evaluate a trained run (metrics.json)")
+    e.add_argument("run_dir")
+    add_set(e)
+
+    sub.add_parser("plugins", help="list registered plugins")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    except (PluginError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cfg_from(path: str, overrides: list[str]):
+    from nestar_lab.config import read_yaml
+
+    return validate_config(apply_overrides(read_yaml(path), overrides))
+
+
+def _run_cfg(run_dir: str, overrides: list[str]):
+    from nestar_lab.rundir import CONFIG, load_run_config
+
+    if not overrides:
+        return load_run_config(run_dir)
+    load_run_config(run_dir)  # a clear error if this is not a run
+    return _cfg_from(str(Path(run_dir) / CONFIG), overrides)
+
+
+def cmd_train(args) -> int:
+    from nestar_lab.train import TrainingInterrupted, train
+
+    if bool(args.config) == bool(args.resume):
+        print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        if args.resume:
+            result = train(_run_cfg(args.resume, args.overrides), args.resume, resume=True)
+        else:
+            result = train(_cfg_from(args.config, args.overrides), args.run_dir)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step): {result.run_dir}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from nestar_lab.evaluate import evaluate
+    from nestar_lab.train import TrainingInterrupted, load_trained, train
+
+    cfg = _cfg_from(args.config, args.overrides)
+    try:
+        result = train(cfg, args.run_dir)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step)")
+    return _evaluate_and_print(load_trained(result.run_dir), result.run_dir)
+
+
+def cmd_eval(args) -> int:
+    from nestar_lab.train import load_trained
+
+    cfg = _run_cfg(args.run_dir, args.overrides)
+    return _evaluate_and_print(load_trained(args.run_dir, cfg=cfg), args.run_dir)
+
+
+def _evaluate_and_print(exp, run_dir) -> int:
+    from nestar_lab.evaluate import evaluate
+
+    row = evaluate(exp, run_dir)
+    print(json.dumps(row, indent=2))
+    print(f"metrics: {Path(run_dir) / 'metrics.json'}   samples: {Path(run_dir) / 'samples.png'}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from nestar_lab.evaluate import make_sampler, save_grid
+    from nestar_lab.train import load_trained
+
+    exp = load_trained(args.run_dir, cfg=_run_cfg(args.run_dir, args.overrides))
+    classes = exp.dataset.num_classes
+    per_class = max(1, args.num // classes)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    samples = make_sampler(exp)(labels, args.seed)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "grid.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(samples, out, per_class=per_class)
+    st = samples.stats
+    print(
+        f"{st.num_images} images in {st.seconds:.2f}s ({st.num_images / st.seconds:.1f} img/s), "
+        f"{st.sequential_steps} sequential steps, {st.nfe_per_image} NFE/image: {out}"
+    )
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from nestar_lab.registry import get_registry
+
+    infos = get_registry().all()
+    w_kind = max(len(i.kind) for i in infos)
+    w_name = max(len(i.name) for i in infos)
+    for info in infos:
+        print(f"{info.kind:<{w_kind}}  {info.name:<{w_name}}  {info.provider}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "plugins": cmd_plugins}
+
+if __name__ == "__main__":
+    sys.exit(main())

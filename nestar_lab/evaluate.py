@@ -1,0 +1,74 @@
+"""Evaluation: run the configured metric plugins on a trained run -> one row of numbers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from nestar_lab.experiment import Experiment
+from nestar_lab.interfaces import EvalContext, Samples
+from nestar_lab.rundir import write_json
+from nestar_lab.sample import Sampler
+
+
+def cache_root() -> Path:
+    """Where derived artefacts (classifiers, reference statistics) are cached: ``$NESTAR_CACHE``
+    or ``~/.cache/nestar_lab``."""
+    return Path(os.environ.get("NESTAR_CACHE", Path.home() / ".cache" / "nestar_lab"))
+
+
+def make_sampler(exp: Experiment) -> Sampler:
+    """The run's sampler (its solver, guidance and precision)."""
+    return Sampler(exp.generator, exp.tokenizer, exp.order, exp.solver, exp.cfg.sample, exp.autocast())
+
+
+def evaluate(exp: Experiment, run_dir: str | Path) -> dict[str, float]:
+    """Sample class-balanced images, run every metric, save ``metrics.json`` and ``samples.png``."""
+    run_dir = Path(run_dir)
+    sampler = make_sampler(exp)
+    ctx = EvalContext(
+        dataset=exp.dataset,
+        sampler=sampler,
+        device=exp.device,
+        cache_dir=cache_root(),
+        samples_per_class=exp.cfg.eval.samples_per_class,
+        seed=exp.cfg.eval.seed,
+    )
+    row: dict[str, float] = {}
+    for metric in exp.metrics:
+        row.update(metric.compute(ctx))
+    samples = ctx.generated()
+    st = samples.stats
+    row.update(
+        sequential_steps=st.sequential_steps,
+        nfe_per_image=st.nfe_per_image,
+        sample_seconds=st.seconds,
+        sec_per_image=st.seconds_per_image,
+        num_samples=st.num_images,
+    )
+    save_grid(samples, run_dir / "samples.png")
+    write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
+    return row
+
+
+def save_grid(samples: Samples, path: str | Path, per_class: int = 10, scale: int = 4) -> None:
+    """A PNG grid with one row per class (up to ``per_class`` images each), upscaled ``scale``x."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    rows = []
+    classes = samples.labels.unique().tolist()
+    for c in classes:
+        imgs = samples.images[samples.labels == c][:per_class]
+        pad = per_class - imgs.shape[0]
+        if pad > 0:
+            imgs = torch.cat([imgs, -torch.ones(pad, *imgs.shape[1:])])
+        rows.append(imgs)
+    grid = torch.cat(rows)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    img = make_grid((grid + 1) / 2, nrow=per_class, padding=2, pad_value=0.5).clamp(0, 1)
+    arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)

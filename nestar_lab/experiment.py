@@ -1,0 +1,135 @@
+"""Composing plugins into an experiment: construction, cross-part checks, device and precision."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from nestar_lab.config import ComponentSpec, ExperimentConfig
+from nestar_lab.generator import Generator
+from nestar_lab.interfaces import (
+    CoordinationObjective,
+    Dataset,
+    Metric,
+    ODESolver,
+    ScaleModuleSpec,
+    Tokenizer,
+    TokenOrder,
+)
+from nestar_lab.registry import get_registry
+
+
+def make(kind: str, component: ComponentSpec, **kwargs):
+    """Instantiate plugin ``component.name`` of ``kind`` with its validated params."""
+    cls = get_registry().get(kind, component.name)
+    return cls(cls.Params.model_validate(component.params), **kwargs)
+
+
+@dataclass
+class Experiment:
+    """Every part of an experiment, built and placed on its device."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    dataset: Dataset
+    tokenizer: Tokenizer
+    order: TokenOrder
+    generator: Generator
+    solver: ODESolver
+    coordination: CoordinationObjective
+    metrics: list[Metric]
+
+    def autocast(self):
+        """A context factory applying the run's precision."""
+        return autocast_factory(self.device, self.cfg.train.precision)
+
+
+def _data_parts(cfg: ExperimentConfig):
+    dataset = make("dataset", cfg.dataset)
+    tokenizer = make("tokenizer", cfg.tokenizer, image_shape=dataset.image_shape)
+    order = make("token_order", cfg.token_order, grid=tokenizer.latent_shape[1:])
+    return dataset, tokenizer, order
+
+
+def check_compatibility(cfg: ExperimentConfig) -> list[str]:
+    """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines."""
+    try:
+        _, tokenizer, order = _data_parts(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        return [f"tokenizer.params: {exc}"]
+    try:
+        get_registry().get("generator", cfg.generator.name).build_schedule(
+            get_registry().get("generator", cfg.generator.name).Params.model_validate(cfg.generator.params),
+            order.num_tokens,
+        )
+    except ValueError as exc:
+        return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
+    return []
+
+
+def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Construct every part of ``cfg`` on the chosen device."""
+    device = pick_device(cfg.device)
+    dataset, tokenizer, order = _data_parts(cfg)
+    gen_cls = get_registry().get("generator", cfg.generator.name)
+    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
+    schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
+    spec = ScaleModuleSpec(
+        token_dim=tokenizer.latent_shape[0],
+        num_classes=dataset.num_classes,
+        coords=order.coords,
+        grid=order.grid,
+        num_stages=len(schedule.stages),
+    )
+    torch.manual_seed(cfg.seed)  # weight initialisation
+    make_module = functools.partial(make, "scale_module", cfg.scale_module, spec=spec)
+    generator = gen_cls(gen_params, num_tokens=order.num_tokens, make_module=make_module)
+    return Experiment(
+        cfg=cfg,
+        device=device,
+        dataset=dataset,
+        tokenizer=tokenizer.to(device),
+        order=order,
+        generator=generator.to(device),
+        solver=make("ode_solver", cfg.ode_solver),
+        coordination=make("coordination_objective", cfg.coordination),
+        metrics=[make("metric", m) for m in cfg.metrics],
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX).
+
+    Without them bf16 matmuls fall back to slow kernels: measured here on an AMD EPYC without
+    AVX512-BF16, a quickstart training step took 13 s in bf16 against 0.9 s in fp32.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    """``bf16``: always; ``fp32``: never; ``auto``: CUDA with bf16 support, or a CPU with fast bf16."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def autocast_factory(device: torch.device, precision: str):
+    """A context factory: bf16 autocast when :func:`use_bf16` says so, else a no-op."""
+    if not use_bf16(device, precision):
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)

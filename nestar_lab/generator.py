@@ -1,0 +1,66 @@
+"""The generator base: a schedule (what is generated when) plus one scale module per stage.
+
+A generator plugin only says *what* its schedule is (:meth:`Generator.build_schedule`); the
+core trains every schedule with the same teacher-forced pass (``losses.py``) and samples it
+with the same loop (``sample.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from nestar_lab.interfaces import Plugin, Rows, ScaleModule
+from nestar_lab.schedule import Schedule, coordination_rows
+
+
+class Generator(Plugin, nn.Module, ABC):
+    """A schedule of stages and the scale modules that run them.
+
+    Constructor: ``(params, num_tokens=n, make_module=callable)``; ``make_module()`` returns
+    a fresh scale module. When ``params.share_weights`` is true, one module runs every stage.
+    """
+
+    def __init__(self, params=None, *, num_tokens: int, make_module: Callable[[], ScaleModule]):
+        nn.Module.__init__(self)
+        Plugin.__init__(self, params)
+        self.schedule = self.build_schedule(self.params, num_tokens)
+        self.schedule.validate()
+        shared = bool(getattr(self.params, "share_weights", False))
+        count = 1 if shared else len(self.schedule.stages)
+        self.nets = nn.ModuleList(make_module() for _ in range(count))
+        self._rows: dict[tuple, Rows] = {}
+
+    @classmethod
+    @abstractmethod
+    def build_schedule(cls, params, num_tokens: int) -> Schedule:
+        """The schedule for ``num_tokens`` tokens; raise ``ValueError`` when impossible."""
+
+    def net(self, stage: int) -> ScaleModule:
+        """The scale module that runs ``stage``."""
+        return self.nets[stage if len(self.nets) > 1 else 0]
+
+    def training_rows(self, stage: int, with_partner: bool, device: torch.device) -> tuple[Rows, int]:
+        """Rows of ``stage``'s teacher-forced pass (plus its coordination partner's rows).
+
+        Returns the rows and how many of them are the stage's own. Built once per device.
+        """
+        key = (stage, with_partner, str(device))
+        st = self.schedule.stages[stage]
+        partner = st.coordinate_with if with_partner else None
+        if key not in self._rows:
+            if partner is None:
+                src, tgt, mask, n_main = st.src_idx, st.tgt_idx, st.mask(), st.num_rows
+            else:
+                src, tgt, mask, n_main = coordination_rows(st, self.schedule.stages[partner])
+            self._rows[key] = (Rows(src.to(device), tgt.to(device), mask.to(device)), n_main)
+        return self._rows[key]
+
+
+def gather_inputs(tokens_BND: Tensor, src_idx_L: Tensor) -> Tensor:
+    """The token feeding each row, zeros for rows fed by the start embedding (``src = -1``)."""
+    x = tokens_BND[:, src_idx_L.clamp(min=0)]
+    return x * (src_idx_L >= 0).to(x.dtype)[None, :, None]

@@ -1,0 +1,85 @@
+"""The hooks a plugin implements: one per kind, each returning ``{name: class}``.
+
+This is the only file a plugin author must read. A plugin package declares an entry point in
+the ``nestar_lab`` group pointing at a module (or object) with one or more of these functions
+decorated with :data:`hookimpl`::
+
+    # my_package/plugins.py
+    from nestar_lab.hookspecs import hookimpl
+
+    @hookimpl
+    def nestar_register_ode_solvers():
+        return {"my_solver": MySolver}
+
+    # my_package's pyproject.toml
+    [project.entry-points.nestar_lab]
+    my_package = "my_package.plugins"
+
+Each class has a nested pydantic ``Params`` model and a constructor taking a ``Params``
+instance plus the keyword arguments its kind's interface documents (see ``interfaces``).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "nestar_lab"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def nestar_register_datasets() -> dict[str, type]:
+    """Datasets: images in [-1, 1] and integer labels, split into train and test."""
+
+
+@hookspec
+def nestar_register_tokenizers() -> dict[str, type]:
+    """Tokenizers: images <-> continuous latent grid ``(B, c, h, w)``."""
+
+
+@hookspec
+def nestar_register_token_orders() -> dict[str, type]:
+    """Token orders: latent grid <-> 1-D generation order, with each token's 2-D coordinate."""
+
+
+@hookspec
+def nestar_register_scale_modules() -> dict[str, type]:
+    """Scale modules: the network of one module, context rows -> per-token velocity."""
+
+
+@hookspec
+def nestar_register_generators() -> dict[str, type]:
+    """Generators: the schedule of which tokens are generated when, by which module."""
+
+
+@hookspec
+def nestar_register_ode_solvers() -> dict[str, type]:
+    """ODE solvers: integrate a velocity field from t=0 (noise) to t=1 (data), counting NFE."""
+
+
+@hookspec
+def nestar_register_coordination_objectives() -> dict[str, type]:
+    """Coordination objectives: a loss aligning adjacent modules during training."""
+
+
+@hookspec
+def nestar_register_metrics() -> dict[str, type]:
+    """Metrics: numbers computed from a trained run and its samples."""
+
+
+KINDS: tuple[str, ...] = (
+    "dataset",
+    "tokenizer",
+    "token_order",
+    "scale_module",
+    "generator",
+    "ode_solver",
+    "coordination_objective",
+    "metric",
+)
+
+
+def hook_name(kind: str) -> str:
+    """The hook that registers plugins of ``kind`` (``dataset`` -> ``nestar_register_datasets``)."""
+    return f"nestar_register_{kind}s"

@@ -1,0 +1,306 @@
+"""One abstract class per plugin kind: what the core asks of each part of an experiment.
+
+Every plugin class has a nested pydantic ``Params`` model (``extra="forbid"``) and takes an
+instance of it as its first constructor argument; the keyword arguments after it are listed on
+each base class. Hand-offs between parts are the dataclasses below, not dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class Params(BaseModel):
+    """Base of every plugin's ``Params``: strict, unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """Mixin holding the validated params of a plugin."""
+
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params | None = None):
+        self.params = params if params is not None else self.Params()
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class ImageSplit:
+    """A split of a dataset in memory: images in [-1, 1] ``(N, C, H, W)`` and labels ``(N,)``."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Dataset(Plugin, ABC):
+    """Images with integer class labels, split into ``train`` and ``test``. Constructor: ``(params)``."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W), known without loading the data
+
+    @abstractmethod
+    def split(self, name: str) -> ImageSplit:
+        """The ``train`` or ``test`` split."""
+
+
+# ----------------------------------------------------------------------------- tokens
+class Tokenizer(Plugin, nn.Module, ABC):
+    """Images ``(B, C, H, W)`` <-> continuous latent grid ``(B, c, h, w)``.
+
+    Constructor: ``(params, image_shape=(C, H, W))``. ``latent_shape`` must be known after
+    construction without running a network, so configs validate before any work.
+    """
+
+    latent_shape: tuple[int, int, int]
+
+    def __init__(self, params: Params | None = None, *, image_shape: tuple[int, int, int]):
+        nn.Module.__init__(self)
+        Plugin.__init__(self, params)
+        self.image_shape = tuple(image_shape)
+
+    @abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> latents ``(B, c, h, w)``."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1]."""
+
+
+class TokenOrder(Plugin, ABC):
+    """A latent grid in 1-D generation order. Constructor: ``(params, grid=(h, w))``.
+
+    Subclasses define :meth:`order`; flattening, unflattening and coordinates follow from it.
+    """
+
+    def __init__(self, params: Params | None = None, *, grid: tuple[int, int]):
+        super().__init__(params)
+        self.grid = tuple(grid)
+        h, w = self.grid
+        perm = torch.as_tensor(self.order(h, w), dtype=torch.long)
+        if sorted(perm.tolist()) != list(range(h * w)):
+            raise ValueError(f"token order {type(self).__name__} is not a permutation of {h}x{w} cells")
+        self.perm = perm  # perm[i] = row-major cell index of the i-th generated token
+        self.inverse = torch.argsort(perm)
+        self.coords = torch.stack([perm // w, perm % w], dim=1).float()  # (n, 2): (row, col)
+
+    @abstractmethod
+    def order(self, h: int, w: int) -> list[int]:
+        """Row-major cell indices of an ``h x w`` grid in generation order."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def flatten(self, latent_BChw: Tensor) -> Tensor:
+        """``(B, c, h, w)`` -> tokens ``(B, n, c)`` in generation order."""
+        cells_BnC = latent_BChw.flatten(2).transpose(1, 2)
+        return cells_BnC[:, self.perm.to(latent_BChw.device)]
+
+    def unflatten(self, tokens_BND: Tensor) -> Tensor:
+        """Tokens ``(B, n, c)`` in generation order -> ``(B, c, h, w)``."""
+        cells = tokens_BND[:, self.inverse.to(tokens_BND.device)]
+        b, _, c = cells.shape
+        return cells.transpose(1, 2).reshape(b, c, *self.grid)
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ScaleModuleSpec:
+    """What a scale module needs to know about the problem."""
+
+    token_dim: int
+    num_classes: int  # label ``num_classes`` is the learned null class used for CFG
+    coords: Tensor  # (n, 2) grid coordinate of each token in generation order
+    grid: tuple[int, int]
+    num_stages: int  # modules in the schedule (for a stage embedding when weights are shared)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of a scale module's sequence: which token feeds each row and which it predicts.
+
+    ``src_idx == -1`` marks a row fed by the learned start embedding. ``mask`` (``(L, L)`` bool,
+    True = may attend) is given for teacher-forced passes and ``None`` for cached extension.
+    """
+
+    src_idx: Tensor
+    tgt_idx: Tensor
+    mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.tgt_idx.shape[0])
+
+
+class ScaleModule(Plugin, nn.Module, ABC):
+    """The network of one module: context rows -> conditioning -> per-token velocity.
+
+    Constructor: ``(params, spec=ScaleModuleSpec)``. A module sees the class label through
+    prefix tokens it owns; ``labels == spec.num_classes`` is the null (unconditional) label.
+    """
+
+    def __init__(self, params: Params | None = None, *, spec: ScaleModuleSpec):
+        nn.Module.__init__(self)
+        Plugin.__init__(self, params)
+        self.spec = spec
+
+    @abstractmethod
+    def forward(self, x_in_BLd: Tensor, rows: Rows, labels_B: Tensor, stage: int) -> Tensor:
+        """Teacher-forced pass over all rows with ``rows.mask``: conditioning ``(B, L, D)``."""
+
+    @abstractmethod
+    def start_cache(self, labels_B: Tensor, stage: int) -> Any:
+        """A key/value cache holding the label prefix, for sampling."""
+
+    @abstractmethod
+    def extend(self, x_in_BLd: Tensor, rows: Rows, cache: Any) -> Tensor:
+        """Append rows to ``cache``; they see every cached row and each other. -> ``(B, L, D)``."""
+
+    @abstractmethod
+    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
+        """Per-token velocity of noisy tokens ``y`` at time ``t`` given the conditioning.
+
+        ``y`` and ``t`` may carry extra leading dimensions (several noise draws per token)
+        over which ``cond`` broadcasts: ``(..., B, L, d)``, ``(..., B, L)``, ``(B, L, D)``.
+        """
+
+
+# ----------------------------------------------------------------------------- solving
+@dataclass(frozen=True)
+class SolveResult:
+    """The end point of an integration and the number of velocity evaluations it cost."""
+
+    y1: Tensor
+    nfe: int
+
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (t scalar tensor, y) -> dy/dt
+
+
+class ODESolver(Plugin, ABC):
+    """Integrates ``dy/dt = v(t, y)`` from t=0 (noise) to t=1 (data). Constructor: ``(params)``.
+
+    Subclasses implement :meth:`solve`; :meth:`integrate` counts the velocity evaluations.
+    """
+
+    def integrate(self, velocity: VelocityFn, y0: Tensor) -> SolveResult:
+        """Solve from ``y0`` at t=0 to t=1, counting evaluations of ``velocity`` (NFE)."""
+        calls = 0
+
+        def counted(t: Tensor, y: Tensor) -> Tensor:
+            nonlocal calls
+            calls += 1
+            return velocity(t, y)
+
+        y1 = self.solve(counted, y0)
+        return SolveResult(y1=y1, nfe=calls)
+
+    @abstractmethod
+    def solve(self, velocity: VelocityFn, y0: Tensor) -> Tensor:
+        """The state at t=1; ``velocity`` receives t as a 0-dim tensor."""
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class CoordinationPair:
+    """Two adjacent modules' predictions on the tokens the coarser one generates.
+
+    ``v_fine`` carries gradients into the finer module; ``v_coarse`` is detached. All tensors
+    are ``(B', L, d)`` except ``t`` which is ``(B', L)``.
+    """
+
+    fine_stage: int
+    v_fine: Tensor
+    v_coarse: Tensor
+    y_t: Tensor
+    t: Tensor
+
+
+class CoordinationObjective(Plugin, ABC):
+    """A loss aligning adjacent modules in training. Constructor: ``(params)``.
+
+    ``needs_pairs = False`` lets the generator skip the coordination rows entirely.
+    """
+
+    needs_pairs: ClassVar[bool] = True
+
+    @abstractmethod
+    def __call__(self, pairs: list[CoordinationPair]) -> Tensor:
+        """The weighted coordination loss (a scalar)."""
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class SampleStats:
+    """What sampling cost: sequential steps, velocity evaluations per image, wall time."""
+
+    num_images: int
+    sequential_steps: int
+    nfe_per_image: int
+    seconds: float
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(self.num_images, 1)
+
+
+@dataclass
+class Samples:
+    """Generated images in [-1, 1] with the labels they were conditioned on."""
+
+    images: Tensor
+    labels: Tensor
+    stats: SampleStats
+
+
+@dataclass
+class EvalContext:
+    """What a metric may use: the dataset, the run's sampler and a cache directory.
+
+    :meth:`generated` samples ``samples_per_class`` images of every class once and shares
+    them between metrics.
+    """
+
+    dataset: Dataset
+    sampler: Callable[[Tensor, int], Samples]  # (labels, seed) -> samples, EMA weights
+    device: torch.device
+    cache_dir: Path
+    samples_per_class: int = 100
+    seed: int = 0
+    _generated: Samples | None = field(default=None, repr=False)
+
+    def generated(self) -> Samples:
+        """Class-balanced samples of the run (made on first use, then reused)."""
+        if self._generated is None:
+            labels = torch.arange(self.dataset.num_classes).repeat_interleave(self.samples_per_class)
+            self._generated = self.sampler(labels, self.seed)
+        return self._generated
+
+
+class Metric(Plugin, ABC):
+    """Numbers from a trained run. Constructor: ``(params)``."""
+
+    @abstractmethod
+    def compute(self, ctx: EvalContext) -> dict[str, float]:
+        """Metric values keyed by name (names carry their method, e.g. ``fid_inception``)."""
+
+
+def is_power(n: int, k: int) -> int | None:
+    """``M`` with ``k ** M == n``, or ``None``."""
+    if k < 2 or n < 1:
+        return None
+    m = round(math.log(n, k))
+    return m if k**m == n else None

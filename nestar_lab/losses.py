@@ -1,0 +1,74 @@
+"""The training objective of any schedule: per-stage flow matching plus coordination.
+
+One forward pass per stage (module) per batch: the stage's teacher-forced rows, and, when the
+coordination objective needs it, its partner's rows as a second masked segment of the same pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nestar_lab.flow import FlowConfig, path_sample, sample_times
+from nestar_lab.generator import Generator, gather_inputs
+from nestar_lab.interfaces import CoordinationObjective, CoordinationPair
+
+
+@dataclass
+class LossOutput:
+    """The loss to minimise and each of its parts (``flow_1..flow_M``, ``coor``)."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+def training_losses(
+    gen: Generator,
+    tokens_BND: Tensor,
+    labels_B: Tensor,
+    flow: FlowConfig,
+    coordination: CoordinationObjective,
+    rng: torch.Generator,
+) -> LossOutput:
+    """Flow-matching losses of every stage and the coordination loss for one batch.
+
+    Each token gets ``flow.batch_mul`` (noise, time) draws shared by every module that
+    predicts it, so the coordination pair sees both modules at the same ``(y_t, t)``.
+    """
+    B, n, d = tokens_BND.shape
+    mul, device = flow.batch_mul, tokens_BND.device
+    x0_mBND = torch.randn((mul, B, n, d), generator=rng, device=device)
+    t_mBN = sample_times((mul, B, n), flow, rng, device)
+    parts: dict[str, Tensor] = {}
+    pairs: list[CoordinationPair] = []
+    own_velocity: dict[int, Tensor] = {}
+    for i, stage in enumerate(gen.schedule.stages):
+        with_partner = coordination.needs_pairs and stage.coordinate_with is not None
+        rows, n_main = gen.training_rows(i, with_partner, device)
+        net = gen.net(i)
+        cond_BLD = net(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=i)
+        tgt = rows.tgt_idx
+        x1 = tokens_BND[:, tgt].expand(mul, -1, -1, -1)
+        ps = path_sample(x1, x0_mBND[:, :, tgt], t_mBN[:, :, tgt])
+        v = net.velocity(ps.y_t, ps.t, cond_BLD).float()  # cond broadcasts over the draws
+        parts[f"flow_{i + 1}"] = F.mse_loss(v[:, :, :n_main], ps.target[:, :, :n_main])
+        own_velocity[i] = v[:, :, :n_main]
+        if with_partner:
+            j = stage.coordinate_with
+            pairs.append(
+                CoordinationPair(
+                    fine_stage=i,
+                    v_fine=v[:, :, n_main:].flatten(0, 1),
+                    v_coarse=own_velocity[j].detach().flatten(0, 1),
+                    y_t=ps.y_t[:, :, n_main:].flatten(0, 1),
+                    t=ps.t[:, :, n_main:].flatten(0, 1),
+                )
+            )
+    total = torch.stack(list(parts.values())).sum()
+    if pairs:
+        parts["coor"] = coordination(pairs)
+        total = total + parts["coor"]
+    return LossOutput(total=total, parts=parts)

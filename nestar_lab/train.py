@@ -1,0 +1,213 @@
+"""THE training loop: AdamW, warm-up + schedule, clipping, EMA, bf16 autocast, checkpoints, resume.
+
+Every random draw of step ``s`` comes from a generator seeded by ``(seed, s)`` and the data
+order of an epoch from ``(seed, epoch)``, so a run interrupted and resumed from its checkpoint
+ends with the same weights as one that never stopped (exactly, on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nestar_lab.config import ExperimentConfig, TrainConfig
+from nestar_lab.experiment import Experiment, build_experiment
+from nestar_lab.losses import training_losses
+from nestar_lab.rundir import load_checkpoint, new_run_dir, save_checkpoint, write_json
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped early (signal or request); the checkpoint holds the last step."""
+
+    def __init__(self, run_dir: Path, step: int):
+        self.run_dir, self.step = run_dir, step
+        super().__init__(f"interrupted at step {step}; resume with: nestar train --resume {run_dir}")
+
+
+@dataclass
+class TrainResult:
+    """Where the run lives and what training cost."""
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    step_ms_median: float
+    final_loss: dict[str, float] = field(default_factory=dict)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one training step."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of the batch at ``step``: seeded permutation per epoch, last partial batch dropped."""
+    batch_size = min(batch_size, num_items)
+    per_epoch = num_items // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual (1+s)/(10+s) warm-up of decay."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, Tensor], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names], [params[k].detach().float() for k in names], 1 - d)
+
+
+class _StopFlag:
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def on_signals(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` in ``run_dir`` (a new one when None); ``resume`` continues its checkpoint.
+
+    ``stop_at_step`` interrupts after that many steps exactly as SIGINT would (for tests).
+    """
+    run_dir = Path(run_dir) if resume else new_run_dir(cfg, run_dir)
+    exp = build_experiment(cfg)
+    gen, tc, device = exp.generator, cfg.train, exp.device
+    opt = torch.optim.AdamW(gen.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    ema = EMA(dict(gen.named_parameters()), tc.ema_decay)
+    step = 0
+    if resume:
+        state = load_checkpoint(run_dir, map_location=device)
+        gen.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        step = int(state["step"])
+
+    def checkpoint():
+        save_checkpoint(
+            run_dir, {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow}
+        )
+
+    split = exp.dataset.split("train")
+    images, labels = split.images.to(device), split.labels.to(device)
+    null_label = exp.dataset.num_classes
+    autocast = exp.autocast()
+    bar = _progress(tc.steps, step, progress)
+    times: list[float] = []
+    last: dict[str, float] = {}
+    start = time.perf_counter()
+    gen.train()
+    with _StopFlag().on_signals() as stop:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            rng = step_generator(cfg.seed, step, device)
+            idx = batch_indices(step, len(labels), tc.batch_size, cfg.seed).to(device)
+            with torch.no_grad():
+                tokens = exp.order.flatten(exp.tokenizer.encode(images[idx]))
+            y = labels[idx]
+            drop = torch.rand(y.shape, generator=rng, device=device) < tc.label_dropout
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * lr_factor(step, tc)
+            with autocast():
+                out = training_losses(gen, tokens, y, cfg.flow, exp.coordination, rng)
+            opt.zero_grad(set_to_none=True)
+            out.total.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
+            opt.step()
+            ema.update(dict(gen.named_parameters()), step)
+            step += 1
+            times.append(time.perf_counter() - t0)
+            if step % tc.log_every == 0 or step == tc.steps:
+                last = {k: float(v.detach()) for k, v in out.parts.items()} | {"total": float(out.total.detach())}
+                bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
+                _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc))
+            bar.update(1)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoint()
+            if stop.requested or (stop_at_step is not None and step >= stop_at_step and step < tc.steps):
+                checkpoint()
+                bar.close()
+                raise TrainingInterrupted(run_dir, step)
+    bar.close()
+    seconds = time.perf_counter() - start
+    warm = times[min(10, len(times) // 2) :] or times
+    result = TrainResult(run_dir, step, seconds, 1000 * statistics.median(warm) if warm else 0.0, last)
+    write_json(
+        run_dir / "train_summary.json",
+        {"steps": step, "seconds": seconds, "step_ms_median": result.step_ms_median, "final_loss": last},
+    )
+    return result
+
+
+def _append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float) -> None:
+    import json
+
+    with open(run_dir / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "lr": lr, **losses}) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def load_trained(run_dir: str | Path, use_ema: bool = True, cfg: ExperimentConfig | None = None) -> Experiment:
+    """The experiment of a run with its trained (EMA by default) weights, in eval mode.
+
+    ``cfg`` replaces the saved config (e.g. another solver or guidance scale for sampling).
+    """
+    from nestar_lab.rundir import load_run_config
+
+    exp = build_experiment(cfg or load_run_config(run_dir))
+    state = load_checkpoint(run_dir, map_location=exp.device)
+    exp.generator.load_state_dict(state["model"])
+    if use_ema:
+        params = dict(exp.generator.named_parameters())
+        with torch.no_grad():
+            for name, value in state["ema"].items():
+                params[name].copy_(value)
+    exp.generator.eval()
+    return exp

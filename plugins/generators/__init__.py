@@ -1,0 +1,9 @@
+"""Built-in generators."""
+
+from nestar_lab.hookspecs import hookimpl
+from nestar_plugins.generators.nestar import NestAR
+
+
+@hookimpl
+def nestar_register_generators():
+    return {"nestar": NestAR}

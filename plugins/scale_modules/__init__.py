@@ -1,0 +1,9 @@
+"""Built-in scale modules."""
+
+from nestar_lab.hookspecs import hookimpl
+from nestar_plugins.scale_modules.transformer import Transformer
+
+
+@hookimpl
+def nestar_register_scale_modules():
+    return {"transformer": Transformer}

@@ -1,0 +1,125 @@
+"""Building blocks of the transformer scale module: attention with a KV cache, the AdaLN flow head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sincos_2d(coords_n2: Tensor, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine features of (row, col) coordinates: ``(n, dim)``."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(100.0) * torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    parts = []
+    for axis in range(2):
+        angles = coords_n2[:, axis : axis + 1].float() * freqs[None] * math.pi
+        parts += [torch.sin(angles), torch.cos(angles)]
+    out = torch.cat(parts, dim=1)
+    return F.pad(out, (0, dim - out.shape[1]))
+
+
+def timestep_features(t: Tensor, dim: int = 64) -> Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled to [0, 1000] like diffusion timesteps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = (t.float() * 1000.0).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class LayerCache:
+    """Keys and values of the rows a layer has seen so far: ``(B, heads, T, head_dim)``."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with a cache, new rows attend to cached rows and each other."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if mask is not None:
+            # an additive float mask: on the CPU SDPA's backward with a boolean mask is slow
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNResBlock(nn.Module):
+    """Residual MLP block whose norm is shifted, scaled and gated by the conditioning."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class FlowHead(nn.Module):
+    """Per-token MLP velocity head, AdaLN-conditioned on time and the transformer's output."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.inp = nn.Linear(token_dim, width)
+        self.cond = nn.Linear(cond_dim, width)
+        self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_dim)
+        for layer in (self.ada[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
+        c = self.cond(cond_BLD) + self.time(timestep_features(t_BL).to(cond_BLD.dtype))
+        x = self.inp(y_BLd)
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        return self.out(_modulate(self.norm(x), shift, scale))

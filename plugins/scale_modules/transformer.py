@@ -1,0 +1,87 @@
+"""The transformer scale module: label prefix + block-causal rows -> AdaLN MLP flow head."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from nestar_lab.interfaces import Params, Rows, ScaleModule
+from nestar_plugins.scale_modules.layers import Block, FlowHead, LayerCache, sincos_2d
+
+
+class Transformer(ScaleModule):
+    """A pre-norm transformer over ``prefix_tokens`` label tokens followed by the rows.
+
+    Each row's input is the feeding token (projected) plus position features of the feeding
+    token and of the target token (both from their 2-D grid coordinates), or the learned start
+    embedding. The output at a row conditions the per-token flow head for the target token.
+    """
+
+    class Params(Params):
+        width: int = Field(128, ge=8)
+        depth: int = Field(4, ge=1)
+        heads: int = Field(4, ge=1)
+        mlp_ratio: float = Field(4.0, gt=0)
+        prefix_tokens: int = Field(4, ge=1, description="label tokens every row can attend to")
+        head_width: int = Field(128, ge=8)
+        head_depth: int = Field(3, ge=1)
+
+        @model_validator(mode="after")
+        def _heads_divide_width(self):
+            if self.width % self.heads:
+                raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+            return self
+
+    def __init__(self, params=None, *, spec):
+        super().__init__(params, spec=spec)
+        p, D = self.params, self.params.width
+        self.register_buffer("pos_table", sincos_2d(spec.coords, D), persistent=False)
+        self.token_in = nn.Linear(spec.token_dim, D)
+        self.src_pos = nn.Linear(D, D, bias=False)
+        self.tgt_pos = nn.Linear(D, D, bias=False)
+        self.start = nn.Parameter(torch.randn(D) * 0.02)
+        self.label_emb = nn.Embedding(spec.num_classes + 1, D)  # last row: the null label
+        self.prefix_pos = nn.Parameter(torch.randn(p.prefix_tokens, D) * 0.02)
+        self.stage_emb = nn.Embedding(spec.num_stages, D)
+        self.blocks = nn.ModuleList(Block(D, p.heads, p.mlp_ratio) for _ in range(p.depth))
+        self.norm = nn.LayerNorm(D)
+        self.head = FlowHead(spec.token_dim, D, p.head_width, p.head_depth)
+        for emb in (self.label_emb, self.stage_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def _prefix(self, labels_B: Tensor, stage: int) -> Tensor:
+        stage_vec = self.stage_emb.weight[stage]
+        return self.label_emb(labels_B)[:, None, :] + self.prefix_pos[None] + stage_vec
+
+    def _embed_rows(self, x_in_BLd: Tensor, rows: Rows) -> Tensor:
+        is_start = (rows.src_idx < 0)[None, :, None]
+        src_pos = self.src_pos(self.pos_table[rows.src_idx.clamp(min=0)])
+        fed = self.token_in(x_in_BLd) + src_pos
+        return torch.where(is_start, self.start.to(fed.dtype), fed) + self.tgt_pos(self.pos_table[rows.tgt_idx])
+
+    def forward(self, x_in_BLd: Tensor, rows: Rows, labels_B: Tensor, stage: int) -> Tensor:
+        P, L = self.params.prefix_tokens, len(rows)
+        x = torch.cat([self._prefix(labels_B, stage), self._embed_rows(x_in_BLd, rows).to(self.start.dtype)], 1)
+        mask = torch.zeros(P + L, P + L, dtype=torch.bool, device=x.device)
+        mask[:, :P] = True
+        mask[P:, P:] = rows.mask
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x[:, P:])
+
+    def start_cache(self, labels_B: Tensor, stage: int) -> list[LayerCache]:
+        cache = [LayerCache() for _ in self.blocks]
+        x = self._prefix(labels_B, stage)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, cache=layer_cache)
+        return cache
+
+    def extend(self, x_in_BLd: Tensor, rows: Rows, cache: list[LayerCache]) -> Tensor:
+        x = self._embed_rows(x_in_BLd, rows)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, cache=layer_cache)
+        return self.norm(x)
+
+    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
+        return self.head(y_BLd, t_BL, cond_BLD)
