@@ -90,8 +90,8 @@ def make_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     manager.load_setuptools_entrypoints(PROJECT)
-    for plugin in extra_plugins:
-        manager.register(plugin)
+    for plugin in extra_plugins:  # e.g. plugins registered in a notebook or a test
+        manager.register(plugin, name=getattr(plugin, "__name__", type(plugin).__qualname__))
     manager.check_pending()  # a misspelt hook name fails here, loudly
     return manager
 

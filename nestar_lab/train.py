@@ -113,8 +113,7 @@ def train(
     run_dir = Path(run_dir) if resume else new_run_dir(cfg, run_dir)
     exp = build_experiment(cfg)
     gen, tc, device = exp.generator, cfg.train, exp.device
-    opt = torch.optim.AdamW(gen.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    ema = EMA(dict(gen.named_parameters()), tc.ema_decay)
+    opt, ema = make_optimizer(exp)
     step = 0
     if resume:
         state = load_checkpoint(run_dir, map_location=device)
@@ -130,8 +129,6 @@ def train(
 
     split = exp.dataset.split("train")
     images, labels = split.images.to(device), split.labels.to(device)
-    null_label = exp.dataset.num_classes
-    autocast = exp.autocast()
     bar = _progress(tc.steps, step, progress)
     times: list[float] = []
     last: dict[str, float] = {}
@@ -140,23 +137,7 @@ def train(
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
-            rng = step_generator(cfg.seed, step, device)
-            idx = batch_indices(step, len(labels), tc.batch_size, cfg.seed).to(device)
-            with torch.no_grad():
-                tokens = exp.order.flatten(exp.tokenizer.encode(images[idx]))
-            y = labels[idx]
-            drop = torch.rand(y.shape, generator=rng, device=device) < tc.label_dropout
-            y = torch.where(drop, torch.full_like(y, null_label), y)
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_factor(step, tc)
-            with autocast():
-                out = training_losses(gen, tokens, y, cfg.flow, exp.coordination, rng)
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
-            opt.step()
-            ema.update(dict(gen.named_parameters()), step)
+            out = train_step(exp, opt, ema, images, labels, step)
             step += 1
             times.append(time.perf_counter() - t0)
             if step % tc.log_every == 0 or step == tc.steps:
@@ -179,6 +160,36 @@ def train(
         {"steps": step, "seconds": seconds, "step_ms_median": result.step_ms_median, "final_loss": last},
     )
     return result
+
+
+def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, step: int):
+    """One optimiser step at ``step``: batch, label dropout, losses, clip, AdamW, EMA."""
+    cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
+    rng = step_generator(cfg.seed, step, device)
+    idx = batch_indices(step, len(labels), tc.batch_size, cfg.seed).to(device)
+    with torch.no_grad():
+        tokens = exp.order.flatten(exp.tokenizer.encode(images[idx]))
+    y = labels[idx]
+    drop = torch.rand(y.shape, generator=rng, device=device) < tc.label_dropout
+    y = torch.where(drop, torch.full_like(y, exp.dataset.num_classes), y)
+    for group in opt.param_groups:
+        group["lr"] = tc.lr * lr_factor(step, tc)
+    with exp.autocast()():
+        out = training_losses(exp.generator, tokens, y, cfg.flow, exp.coordination, rng)
+    opt.zero_grad(set_to_none=True)
+    out.total.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(exp.generator.parameters(), tc.grad_clip)
+    opt.step()
+    ema.update(dict(exp.generator.named_parameters()), step)
+    return out
+
+
+def make_optimizer(exp: Experiment):
+    """AdamW over the generator and an EMA of its parameters."""
+    tc = exp.cfg.train
+    opt = torch.optim.AdamW(exp.generator.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
 
 
 def _append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float) -> None:

@@ -1,0 +1,122 @@
+"""Training step time and sampling throughput of the quickstart model and its variants.
+
+Every variant runs in this one process, against the same baseline: NestAR with k = n, which has
+M = 1 module generating the n tokens one at a time (token-by-token AR with the same network,
+head, solver and guidance). Times are medians over repeats after warm-up; the table reports the
+ratio of each variant to the baseline. Writes a markdown table into docs/benchmarks.md between
+the markers of the section it belongs to.
+
+    .venv/bin/python benchmarks/bench_speed.py [--train-steps 20] [--repeats 3] [--images 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nestar_lab.config import load_config
+from nestar_lab.evaluate import make_sampler
+from nestar_lab.experiment import build_experiment, use_bf16
+from nestar_lab.train import make_optimizer, train_step
+
+CONFIG = "studies/configs/quickstart.yaml"
+VARIANTS = {  # label -> overrides on the quickstart config
+    "NestAR k=4 (M=3)": ["generator.params.k=4"],
+    "NestAR k=8 (M=2)": ["generator.params.k=8"],
+    "NestAR k=2 (M=6)": ["generator.params.k=2"],
+    "AR baseline (k=n=64, M=1)": ["generator.params.k=64"],
+}
+BASELINE = "AR baseline (k=n=64, M=1)"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(overrides: list[str], args) -> dict:
+    cfg = load_config(CONFIG, overrides + [f"device={args.device}"])
+    exp = build_experiment(cfg)
+    split = exp.dataset.split("train")
+    images, labels = split.images.to(exp.device), split.labels.to(exp.device)
+    opt, ema = make_optimizer(exp)
+    exp.generator.train()
+    step = iter(range(10**9))
+    train_s = median_time(lambda: train_step(exp, opt, ema, images, labels, next(step)), args.train_steps, warmup=5)
+    exp.generator.eval()
+    sampler = make_sampler(exp)
+    sample_labels = torch.arange(args.images) % exp.dataset.num_classes
+    last = {}
+
+    def sample():
+        last["s"] = sampler(sample_labels, seed=0)
+
+    sample_s = median_time(sample, args.repeats)
+    st = last["s"].stats
+    return {
+        "params": sum(p.numel() for p in exp.generator.parameters()),
+        "train_ms": 1000 * train_s,
+        "img_per_s": args.images / sample_s,
+        "steps": st.sequential_steps,
+        "nfe": st.nfe_per_image,
+        "bf16": use_bf16(exp.device, cfg.train.precision),
+        "device": str(exp.device),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="docs/benchmarks.md")
+    args = ap.parse_args()
+    rows = {label: measure(ov, args) for label, ov in VARIANTS.items()}
+    base = rows[BASELINE]
+    dev = rows[BASELINE]["device"]
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [
+        f"Device: {name}; torch {torch.__version__}; bf16 autocast: {base['bf16']}; "
+        f"batch {load_config(CONFIG).train.batch_size} for training, {args.images} images per sampling call.",
+        "",
+        "| variant | params | sequential steps | NFE / image | train step (ms, median) | vs AR | sampling (img/s, median) | vs AR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in rows.items():
+        lines.append(
+            f"| {label} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['nfe']} | {r['train_ms']:.0f} | "
+            f"{r['train_ms'] / base['train_ms']:.2f}x | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    write_section(Path(args.out), "speed", table)
+
+
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace the text between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+    else:
+        text += f"\n{start}\n{body}\n{end}\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Contract tests over every dataset, tokenizer and token order plugin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nestar_lab.registry import get_registry
+
+reg = get_registry()
+
+
+def make(kind, name, **kwargs):
+    cls = reg.get(kind, name)
+    return cls(cls.Params(), **kwargs)
+
+
+@pytest.mark.parametrize("name", reg.names("dataset"))
+def test_dataset_splits(name):
+    ds = make("dataset", name)
+    train, test = ds.split("train"), ds.split("test")
+    for split in (train, test):
+        assert split.images.shape[1:] == ds.image_shape
+        assert split.images.min() >= -1 and split.images.max() <= 1
+        assert split.labels.min() >= 0 and split.labels.max() < ds.num_classes
+    assert len(train) > len(test) > 0
+    again = make("dataset", name)
+    assert torch.equal(again.split("test").labels, test.labels), "the split must be seeded"
+    with pytest.raises(ValueError, match="split"):
+        ds.split("validation")
+
+
+def test_digits_split_is_disjoint():
+    ds = make("dataset", "digits")
+    train, test = ds.split("train").images.flatten(1), ds.split("test").images.flatten(1)
+    assert len(train) + len(test) == 1797
+    # the digits set holds a few duplicate images; a shared index would share all of them
+    assert (torch.cdist(test, train).min(1).values == 0).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("name", reg.names("tokenizer"))
+def test_tokenizer_round_trip(name):
+    tok = make("tokenizer", name, image_shape=(1, 8, 8))
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    latents = tok.encode(images)
+    assert tuple(latents.shape[1:]) == tok.latent_shape
+    torch.testing.assert_close(tok.decode(latents), images, rtol=1e-5, atol=1e-5)
+
+
+def test_pixels_patches():
+    cls = reg.get("tokenizer", "pixels")
+    tok = cls(cls.Params(patch_size=2), image_shape=(3, 8, 8))
+    assert tok.latent_shape == (12, 4, 4)
+    with pytest.raises(ValueError, match="does not divide"):
+        cls(cls.Params(patch_size=3), image_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("name", reg.names("token_order"))
+@pytest.mark.parametrize("grid", [(8, 8), (4, 4), (16, 16), (4, 8)])
+def test_token_order_is_a_permutation_with_coordinates(name, grid):
+    order = make("token_order", name, grid=grid)
+    h, w = grid
+    assert sorted(order.perm.tolist()) == list(range(h * w))
+    latent = torch.randn(2, 3, h, w)
+    tokens = order.flatten(latent)
+    assert tokens.shape == (2, h * w, 3)
+    assert torch.equal(order.unflatten(tokens), latent)
+    r, c = order.coords[5].long().tolist()
+    assert torch.equal(tokens[:, 5], latent[:, :, r, c])
+
+
+def test_coarse_to_fine_modules_are_coarser_images():
+    order = make("token_order", "coarse_to_fine", grid=(8, 8))
+    first4 = {tuple(x) for x in order.coords[:4].long().tolist()}
+    first16 = {tuple(x) for x in order.coords[:16].long().tolist()}
+    assert first4 == {(r, c) for r in (0, 4) for c in (0, 4)}
+    assert first16 == {(r, c) for r in range(0, 8, 2) for c in range(0, 8, 2)}
+
+
+def test_zorder_prefixes_are_square_blocks():
+    order = make("token_order", "zorder", grid=(8, 8))
+    assert {tuple(x) for x in order.coords[:16].long().tolist()} == {(r, c) for r in range(4) for c in range(4)}

@@ -1,0 +1,65 @@
+"""Contract tests over every metric, fed by a 'perfect generator' that returns real test images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nestar_lab.interfaces import EvalContext, Samples, SampleStats
+from nestar_lab.registry import get_registry
+from nestar_plugins.datasets.digits import Digits
+
+reg = get_registry()
+FAST = {"class_accuracy": {"epochs": 8}}
+
+
+def context(tmp_path, images_for):
+    ds = Digits()
+
+    def sampler(labels, seed):
+        images = images_for(ds, labels)
+        return Samples(images, labels, SampleStats(len(labels), 10, 20, 1.0))
+
+    return EvalContext(dataset=ds, sampler=sampler, device=torch.device("cpu"), cache_dir=tmp_path, samples_per_class=10)
+
+
+def real_test_images(ds, labels):
+    test = ds.split("test")
+    return torch.cat([test.images[test.labels == c][: int((labels == c).sum())] for c in labels.unique()])
+
+
+def make(name):
+    cls = reg.get("metric", name)
+    return cls(cls.Params(**FAST.get(name, {})))
+
+
+@pytest.mark.parametrize("name", reg.names("metric"))
+def test_metric_returns_finite_named_numbers(name, tmp_path):
+    values = make(name).compute(context(tmp_path, real_test_images))
+    assert values and all(isinstance(v, float) and math.isfinite(v) for v in values.values())
+
+
+def test_class_accuracy_of_real_images_matches_the_reference_and_noise_fails(tmp_path):
+    metric = make("class_accuracy")
+    real = metric.compute(context(tmp_path, real_test_images))
+    assert real["class_accuracy_real_test"] > 0.9
+    assert abs(real["class_accuracy"] - real["class_accuracy_real_test"]) < 0.08
+    cached = list(tmp_path.glob("classifier-*.pt"))
+    assert len(cached) == 1
+    noise = metric.compute(context(tmp_path, lambda ds, labels: torch.rand(len(labels), 1, 8, 8) * 2 - 1))
+    assert noise["class_accuracy"] < 0.4
+    assert list(tmp_path.glob("classifier-*.pt")) == cached, "the classifier is trained once and cached"
+
+
+def test_nearest_train_distance_flags_copies(tmp_path):
+    metric = make("nearest_train_distance")
+    real = metric.compute(context(tmp_path, real_test_images))
+    assert real["nn_train_dist_generated"] == pytest.approx(real["nn_train_dist_real_test"], rel=0.2)
+
+    def copies(ds, labels):
+        return ds.split("train").images[: len(labels)]
+
+    copied = metric.compute(context(tmp_path, copies))
+    assert copied["copy_rate"] == 1.0 and copied["nn_train_dist_generated"] == 0.0
