@@ -8,6 +8,7 @@ with one readable line per problem.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,8 +130,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError([f"--set {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping"])
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _parse_value(value)
     return raw
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars and flow collections; also ``3e-4``, which YAML 1.1 reads as a string."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

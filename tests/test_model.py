@@ -33,7 +33,7 @@ def test_loss_goes_down_on_a_small_batch(tiny_cfg):
         opt.zero_grad()
         out.total.backward()
         opt.step()
-        losses.append(float(out.total))
+        losses.append(float(out.total.detach()))
     assert set(out.parts) == {"flow_1", "flow_2", "flow_3", "coor"}
     assert sum(losses[-4:]) < 0.6 * sum(losses[:4])
 
