@@ -14,7 +14,7 @@ class ClassAccuracy(Metric):
     against their conditioning labels, with its accuracy on the real test split as reference."""
 
     class Params(Params):
-        epochs: int = Field(30, ge=1)
+        epochs: int = Field(60, ge=1)
         width: int = Field(32, ge=4)
         seed: int = 0
 
