@@ -93,7 +93,7 @@ def main() -> None:
         f"Device: {name}; torch {torch.__version__}; bf16 autocast: {base['bf16']}; "
         f"batch {load_config(CONFIG).train.batch_size} for training, {args.images} images per sampling call.",
         "",
-        "| variant | params | sequential steps | NFE / image | train step (ms, median) | vs AR | sampling (img/s, median) | vs AR |",
+        "| variant | params | sequential steps | NFE / image | train step (ms, median) | train time / AR | sampling (img/s, median) | sampling speed-up vs AR |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():

@@ -145,7 +145,7 @@ def cmd_sample(args) -> int:
     st = samples.stats
     print(
         f"{st.num_images} images in {st.seconds:.2f}s ({st.num_images / st.seconds:.1f} img/s), "
-        f"{st.sequential_steps} sequential steps, {st.nfe_per_image} NFE/image: {out}"
+        f"{st.sequential_steps} sequential steps, {st.nfe_per_image:g} NFE/image: {out}"
     )
     return 0
 

@@ -249,7 +249,7 @@ class SampleStats:
 
     num_images: int
     sequential_steps: int
-    nfe_per_image: int
+    nfe_per_image: float  # velocity evaluations each image took part in (mean over batches)
     seconds: float
 
     @property

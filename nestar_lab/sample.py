@@ -93,9 +93,10 @@ class Sampler:
         labels = labels.to(device)
         token_dim = self.tokenizer.latent_shape[0]
         start = time.perf_counter()
-        images, nfe = [], 0
+        images, nfe_sum = [], 0
         for chunk in labels.split(self.cfg.batch_size):
             tokens, nfe = sample_tokens(self.gen, chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
+            nfe_sum += nfe * len(chunk)  # adaptive solvers may differ per chunk
             images.append(self.tokenizer.decode(self.order.unflatten(tokens)).float().clamp(-1, 1))
         out = torch.cat(images)
         if device.type == "cuda":
@@ -103,7 +104,7 @@ class Sampler:
         stats = SampleStats(
             num_images=int(labels.shape[0]),
             sequential_steps=self.gen.schedule.sequential_steps,
-            nfe_per_image=nfe,
+            nfe_per_image=nfe_sum / max(len(labels), 1),
             seconds=time.perf_counter() - start,
         )
         return Samples(images=out.cpu(), labels=labels.cpu(), stats=stats)
