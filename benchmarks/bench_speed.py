@@ -98,7 +98,7 @@ def main() -> None:
     ]
     for label, r in rows.items():
         lines.append(
-            f"| {label} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['nfe']} | {r['train_ms']:.0f} | "
+            f"| {label} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['nfe']:g} | {r['train_ms']:.0f} | "
             f"{r['train_ms'] / base['train_ms']:.2f}x | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x |"
         )
     table = "\n".join(lines)
