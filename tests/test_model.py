@@ -95,3 +95,19 @@ def test_sampling_is_seeded_and_labels_matter(tiny_cfg):
     assert torch.equal(a, sampler(torch.tensor([1, 2]), seed=3).images)
     assert not torch.equal(a, sampler(torch.tensor([1, 2]), seed=4).images)
     assert not torch.equal(a, sampler(torch.tensor([7, 8]), seed=3).images)
+
+
+def test_shared_weights_use_one_module_for_every_stage(tiny_raw):
+    from nestar_lab.config import validate_config
+
+    separate = build_experiment(validate_config(tiny_raw)).generator
+    tiny_raw["generator"]["params"]["share_weights"] = True
+    shared = build_experiment(validate_config(tiny_raw)).generator
+    assert len(separate.nets) == 3 and len(shared.nets) == 1
+    assert shared.net(0) is shared.net(2)
+    n_sep = sum(p.numel() for p in separate.parameters())
+    assert sum(p.numel() for p in shared.parameters()) * 3 == n_sep
+    coordination = build_experiment(validate_config(tiny_raw)).coordination
+    out = training_losses(shared, torch.randn(2, 64, 1), torch.tensor([0, 10]), FlowConfig(), coordination, torch.Generator())
+    out.total.backward()
+    assert all(p.grad is not None for p in shared.parameters() if p.requires_grad)
