@@ -4,6 +4,8 @@
     nestar sample RUN_DIR [--num N] [--out FILE.png] [--seed S] [--set sample.cfg_scale=3]
     nestar run CONFIG [--set ...]      train, sample, evaluate (metrics.json, samples.png)
     nestar eval RUN_DIR                evaluate a trained run again
+    nestar table [--where k=4] [--by generator,ode_solver] [--metrics ...] [--format markdown|csv]
+    nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
     nestar plugins                     every registered plugin: kind, name, provider
 """
 
@@ -48,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     add_set(e)
 
+    tb = sub.add_parser("table", help="results of evaluated runs as a table")
+    tb.add_argument("--results-dir", default=None, help="output_dir holding results.csv (default: runs)")
+    tb.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="filter (repeatable)")
+    tb.add_argument("--by", default="", help="group by these columns (comma-separated), averaging metrics")
+    tb.add_argument("--metrics", default="", help="metric columns to show (comma-separated; default all)")
+    tb.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+
+    pl = sub.add_parser("plot", help="quality against speed, one point per run, Pareto front marked")
+    pl.add_argument("--results-dir", default=None)
+    pl.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE")
+    pl.add_argument("--x", default="sec_per_image", help="cost axis (default sec_per_image)")
+    pl.add_argument("--y", required=True, help="quality axis, e.g. fid_digits_cnn")
+    pl.add_argument("--out", default="tradeoff.png")
+
     sub.add_parser("plugins", help="list registered plugins")
     return p
 
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"config error: {line}", file=sys.stderr)
         return 2
-    except (PluginError, FileNotFoundError) as exc:
+    except (PluginError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -150,6 +166,32 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_table(args) -> int:
+    from nestar_lab import results
+
+    df = results.load(args.results_dir)
+    if df.empty:
+        print(f"no results yet in {results.results_path(args.results_dir)}", file=sys.stderr)
+        return 1
+    out = results.table(df, args.where, _split(args.by), _split(args.metrics))
+    print(results.to_markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from nestar_lab import results
+    from nestar_lab.plots import plot_tradeoff
+
+    df = results.select(results.load(args.results_dir), args.where)
+    x, y = results.resolve_column(df, args.x), results.resolve_column(df, args.y)
+    print(f"wrote {plot_tradeoff(df, x, y, args.out)}")
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from nestar_lab.registry import get_registry
 
@@ -161,7 +203,15 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "sample": cmd_sample, "eval": cmd_eval, "plugins": cmd_plugins}
+COMMANDS = {
+    "train": cmd_train,
+    "run": cmd_run,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "table": cmd_table,
+    "plot": cmd_plot,
+    "plugins": cmd_plugins,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

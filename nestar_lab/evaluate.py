@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nestar_lab.experiment import Experiment
 from nestar_lab.interfaces import EvalContext, Samples
+from nestar_lab.results import append_run
 from nestar_lab.rundir import write_json
 from nestar_lab.sample import Sampler
 
@@ -25,33 +28,48 @@ def make_sampler(exp: Experiment) -> Sampler:
     return Sampler(exp.generator, exp.tokenizer, exp.order, exp.solver, exp.cfg.sample, exp.autocast())
 
 
-def evaluate(exp: Experiment, run_dir: str | Path) -> dict[str, float]:
-    """Sample class-balanced images, run every metric, save ``metrics.json`` and ``samples.png``."""
+def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[str, Any]:
+    """Sample class-balanced images, run every metric, save ``metrics.json`` and ``samples.png``,
+    and (``record``) append the run's row to the results store.
+
+    A metric that fails does not lose the others: its error is recorded as ``error_<name>``.
+    """
     run_dir = Path(run_dir)
-    sampler = make_sampler(exp)
     ctx = EvalContext(
         dataset=exp.dataset,
-        sampler=sampler,
+        sampler=make_sampler(exp),
         device=exp.device,
         cache_dir=cache_root(),
+        dataset_name=exp.cfg.dataset.name,
+        model=exp.generator,
         samples_per_class=exp.cfg.eval.samples_per_class,
         seed=exp.cfg.eval.seed,
     )
-    row: dict[str, float] = {}
-    for metric in exp.metrics:
-        row.update(metric.compute(ctx))
+    row: dict[str, Any] = {}
+    for spec, metric in zip(exp.cfg.metrics, exp.metrics):
+        try:
+            row.update(metric.compute(ctx))
+        except Exception as exc:  # a failed metric is recorded, never fatal to the row
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            key = f"error_{spec.name}"
+            row[key if key not in row else f"{key}_{len(row)}"] = message
+            print(f"metric {spec.name} failed: {message}", file=sys.stderr)
     samples = ctx.generated()
     st = samples.stats
-    row.update(
-        sequential_steps=st.sequential_steps,
-        nfe_per_image=st.nfe_per_image,
-        sample_seconds=st.seconds,
-        sec_per_image=st.seconds_per_image,
-        num_samples=st.num_images,
-    )
+    row.setdefault("sequential_steps", st.sequential_steps)
+    row.setdefault("nfe_per_image", st.nfe_per_image)
+    row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds)
     save_grid(samples, run_dir / "samples.png")
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
+    if record:
+        append_run(exp.cfg, run_dir, row, device=_device_name(exp.device))
     return row
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def save_grid(samples: Samples, path: str | Path, per_class: int = 10, scale: int = 4) -> None:

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -266,18 +266,26 @@ class Samples:
     stats: SampleStats
 
 
+class SampleFn(Protocol):
+    """The run's sampler: ``(labels, seed, batch_size=None) -> Samples`` with its EMA weights."""
+
+    def __call__(self, labels: Tensor, seed: int = 0, batch_size: int | None = None) -> Samples: ...
+
+
 @dataclass
 class EvalContext:
-    """What a metric may use: the dataset, the run's sampler and a cache directory.
+    """What a metric may use: the dataset, the run's sampler, the model, a cache directory.
 
     :meth:`generated` samples ``samples_per_class`` images of every class once and shares
     them between metrics.
     """
 
     dataset: Dataset
-    sampler: Callable[[Tensor, int], Samples]  # (labels, seed) -> samples, EMA weights
+    sampler: SampleFn
     device: torch.device
     cache_dir: Path
+    dataset_name: str = "dataset"
+    model: nn.Module | None = None
     samples_per_class: int = 100
     seed: int = 0
     _generated: Samples | None = field(default=None, repr=False)

@@ -8,6 +8,7 @@ import time
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import guided_velocity
@@ -87,14 +88,16 @@ class Sampler:
         self.autocast = autocast
 
     @torch.no_grad()
-    def __call__(self, labels: Tensor, seed: int = 0) -> Samples:
+    def __call__(self, labels: Tensor, seed: int = 0, batch_size: int | None = None) -> Samples:
+        """Images for ``labels`` in batches of ``batch_size`` (default: the config's)."""
         device = next(self.gen.parameters()).device
         rng = torch.Generator(device=device).manual_seed(seed)
         labels = labels.to(device)
         token_dim = self.tokenizer.latent_shape[0]
         start = time.perf_counter()
         images, nfe_sum = [], 0
-        for chunk in labels.split(self.cfg.batch_size):
+        chunks = labels.split(batch_size or self.cfg.batch_size)
+        for chunk in tqdm(chunks, desc="sample", unit="batch", disable=len(chunks) < 2, leave=False):
             tokens, nfe = sample_tokens(self.gen, chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
             nfe_sum += nfe * len(chunk)  # adaptive solvers may differ per chunk
             images.append(self.tokenizer.decode(self.order.unflatten(tokens)).float().clamp(-1, 1))

@@ -15,7 +15,7 @@ def test_run_then_sample_then_eval(tiny_raw, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", str(cfg_path), "--run-dir", str(run), "--set", "train.steps=4"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert metrics["sequential_steps"] == 10 and metrics["num_samples"] == 20
+    assert metrics["sequential_steps"] == 10 and metrics["eval_num_samples"] == 20
     assert {"class_accuracy", "class_accuracy_real_test", "nn_train_dist_generated"} <= set(metrics)
     assert (run / "samples.png").stat().st_size > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4

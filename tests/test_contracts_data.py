@@ -80,3 +80,15 @@ def test_coarse_to_fine_modules_are_coarser_images():
 def test_zorder_prefixes_are_square_blocks():
     order = make("token_order", "zorder", grid=(8, 8))
     assert {tuple(x) for x in order.coords[:16].long().tolist()} == {(r, c) for r in range(4) for c in range(4)}
+
+
+def test_image_patches_are_balanced_rgb_crops_with_a_spatial_split():
+    cls = reg.get("dataset", "image_patches")
+    ds = cls(cls.Params(crops_per_photo=20, photos=("astronaut", "camera", "coffee")))
+    train, test = ds.split("train"), ds.split("test")
+    assert ds.image_shape == (3, 16, 16) and ds.num_classes == 3
+    assert torch.bincount(train.labels).tolist() == [16, 16, 16]
+    assert torch.bincount(test.labels).tolist() == [4, 4, 4]
+    assert torch.cdist(test.images.flatten(1), train.images.flatten(1)).min() > 0
+    with pytest.raises(ValueError, match="not photographs of skimage.data"):
+        cls.Params(photos=("astronaut", "no_such_photo"))

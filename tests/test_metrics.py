@@ -12,17 +12,30 @@ from nestar_lab.registry import get_registry
 from nestar_plugins.datasets.digits import Digits
 
 reg = get_registry()
-FAST = {"class_accuracy": {"epochs": 8}}
+FAST = {
+    "class_accuracy": {"epochs": 8},
+    "fidelity": {"classifier_epochs": 8, "kid_subsets": 10},
+    "within_class_diversity": {"classifier_epochs": 8},
+    "speed": {"batch_size": 8, "repeats": 2},
+}
 
 
-def context(tmp_path, images_for):
+def context(tmp_path, images_for, samples_per_class=10):
     ds = Digits()
 
-    def sampler(labels, seed):
+    def sampler(labels, seed=0, batch_size=None):
         images = images_for(ds, labels)
         return Samples(images, labels, SampleStats(len(labels), 10, 20, 1.0))
 
-    return EvalContext(dataset=ds, sampler=sampler, device=torch.device("cpu"), cache_dir=tmp_path, samples_per_class=10)
+    return EvalContext(
+        dataset=ds,
+        sampler=sampler,
+        device=torch.device("cpu"),
+        cache_dir=tmp_path,
+        dataset_name="digits",
+        model=torch.nn.Linear(3, 2),
+        samples_per_class=samples_per_class,
+    )
 
 
 def real_test_images(ds, labels):
@@ -30,9 +43,9 @@ def real_test_images(ds, labels):
     return torch.cat([test.images[test.labels == c][: int((labels == c).sum())] for c in labels.unique()])
 
 
-def make(name):
+def make(name, **params):
     cls = reg.get("metric", name)
-    return cls(cls.Params(**FAST.get(name, {})))
+    return cls(cls.Params(**{**FAST.get(name, {}), **params}))
 
 
 @pytest.mark.parametrize("name", reg.names("metric"))

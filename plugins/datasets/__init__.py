@@ -2,8 +2,9 @@
 
 from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.datasets.digits import Digits
+from nestar_plugins.datasets.image_patches import ImagePatches
 
 
 @hookimpl
 def nestar_register_datasets():
-    return {"digits": Digits}
+    return {"digits": Digits, "image_patches": ImagePatches}

@@ -1,0 +1,145 @@
+"""The results store: one row per evaluated run, loaded as a pandas DataFrame.
+
+Rows live in ``<output_dir>/results.csv`` (the config's ``output_dir``, ``runs`` by default):
+run id, time, config hash, every config knob flattened to a column (``generator`` holds the
+plugin name, ``generator.k`` its param), every metric, the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nestar_lab.config import COMPONENT_KINDS, ExperimentConfig
+
+RESULTS_FILE = "results.csv"
+ID_COLUMNS = ("run_id", "time", "config_hash", "device", "run_dir")
+
+
+def results_path(output_dir: str | Path | None = None) -> Path:
+    """``<output_dir>/results.csv``; ``output_dir`` defaults to ``$NESTAR_RESULTS`` or ``runs``."""
+    return Path(output_dir or os.environ.get("NESTAR_RESULTS", "runs")) / RESULTS_FILE
+
+
+def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Config knobs as flat columns: ``generator`` = plugin name, ``generator.k`` = a param."""
+    data = cfg.model_dump(mode="json")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in COMPONENT_KINDS:
+            flat[key] = value["name"]
+            flat.update({f"{key}.{k}": _scalar(v) for k, v in value["params"].items()})
+        elif key == "metrics":
+            flat["metrics"] = ",".join(m["name"] for m in value)
+        elif isinstance(value, dict):
+            flat.update({f"{key}.{k}": _scalar(v) for k, v in value.items()})
+        else:
+            flat[key] = _scalar(value)
+    return flat
+
+
+def _scalar(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A short hash of the resolved config, the same for two runs of one experiment."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def append_run(cfg: ExperimentConfig, run_dir: str | Path, metrics: dict[str, Any], device: str) -> Path:
+    """Add one row for an evaluated run to its results store (written atomically)."""
+    run_dir = Path(run_dir)
+    row = {
+        "run_id": run_dir.name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config_hash": config_hash(cfg),
+        "device": device,
+        "run_dir": str(run_dir),
+        **flatten_config(cfg),
+        **metrics,
+    }
+    path = results_path(cfg.output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([row])
+    if path.is_file():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def load(output_dir: str | Path | None = None) -> pd.DataFrame:
+    """Every recorded run as a DataFrame (empty when nothing has been evaluated yet)."""
+    path = results_path(output_dir)
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(ID_COLUMNS))
+
+
+def resolve_column(df: pd.DataFrame, name: str) -> str:
+    """A column by exact name or unique dotted suffix (``k`` -> ``generator.k``)."""
+    if name in df.columns:
+        return name
+    matches = [c for c in df.columns if c.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise KeyError(f"no column {name!r} in the results; columns: {', '.join(map(str, df.columns))}")
+    raise KeyError(f"column {name!r} is ambiguous: {', '.join(matches)}")
+
+
+def select(df: pd.DataFrame, where: list[str] | None = None) -> pd.DataFrame:
+    """Rows matching every ``column=value`` filter (values compared as text)."""
+    for cond in where or []:
+        if "=" not in cond:
+            raise ValueError(f"--where {cond!r}: expected COLUMN=VALUE, e.g. k=4")
+        key, value = cond.split("=", 1)
+        col = resolve_column(df, key.strip())
+        df = df[df[col].astype(str).isin({value.strip(), _normalise(value.strip())})]
+    return df
+
+
+def _normalise(value: str) -> str:
+    try:
+        return str(float(value))
+    except ValueError:
+        return value
+
+
+def table(
+    df: pd.DataFrame, where: list[str] | None = None, by: list[str] | None = None, metrics: list[str] | None = None
+) -> pd.DataFrame:
+    """Filter, then either one row per run or (with ``by``) the mean of each metric per group."""
+    df = select(df, where)
+    metric_cols = [resolve_column(df, m) for m in metrics] if metrics else _metric_columns(df)
+    if not by:
+        return df[["run_id", *metric_cols]].reset_index(drop=True)
+    by_cols = [resolve_column(df, b) for b in by]
+    grouped = df.groupby(by_cols, dropna=False)
+    out = grouped[metric_cols].mean(numeric_only=True)
+    out.insert(0, "runs", grouped.size())
+    return out.reset_index()
+
+
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    """Columns that are neither identifiers nor config knobs: the metrics."""
+    knobs = set(ID_COLUMNS) | {"name", "seed", "device", "output_dir", "metrics", *COMPONENT_KINDS}
+    prefixes = tuple(f"{k}." for k in (*COMPONENT_KINDS, "flow", "train", "sample", "eval"))
+    return [c for c in df.columns if c not in knobs and not str(c).startswith(prefixes)]
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """A GitHub markdown table (no extra dependency)."""
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])

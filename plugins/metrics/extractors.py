@@ -1,0 +1,106 @@
+"""Feature extractors for torch-fidelity: Inception from a local file, or a per-dataset CNN.
+
+Both are selected by name; every metric value carries the extractor's tag in its name
+(``fid_inception``, ``fid_digits_cnn``) so numbers from different extractors are never compared
+by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from nestar_plugins.metrics.classifier import SmallCNN
+
+INCEPTION_ENV = "NESTAR_INCEPTION_WEIGHTS"
+INCEPTION_HINT = (
+    "torch-fidelity's pt_inception-2015-12-05-6726825d.pth, from "
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+CNN_EXTRACTOR = "nestar-dataset-cnn"
+
+
+class DatasetCNNFeatures(FeatureExtractorBase):
+    """torch-fidelity wrapper of a :class:`SmallCNN`: ``logits`` (IS) and ``penultimate`` (FID,
+    KID, precision/recall). The architecture is read from the weights file it is given."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError(f"{CNN_EXTRACTOR} needs feature_extractor_weights_path")
+        payload = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        meta = payload["meta"]
+        self.net = SmallCNN(int(meta[0]), int(meta[1]), int(meta[2]))
+        self.net.load_state_dict(payload["state"])
+        self.net.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return "logits", "penultimate"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "penultimate", "kid": "penultimate", "prc": "penultimate"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+    def forward(self, x: Tensor):
+        images = x.float() / 127.5 - 1.0
+        wanted = self.net.body[0].in_channels
+        if images.shape[1] != wanted:  # e.g. RGB images from a folder for a grey-scale dataset
+            images = images.mean(1, keepdim=True) if wanted == 1 else images.expand(-1, wanted, -1, -1)
+        features = self.net.features(images)
+        out = {"penultimate": features, "logits": self.net.fc(features)}
+        return tuple(out[name].double() for name in self.features_list)
+
+
+def ensure_registered() -> None:
+    """Register our extractor with torch-fidelity once per process."""
+    if CNN_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(CNN_EXTRACTOR, DatasetCNNFeatures)
+
+
+def export_cnn(net: SmallCNN, path: Path) -> Path:
+    """Write a classifier in the format :class:`DatasetCNNFeatures` loads (tensors only)."""
+    if not path.is_file():
+        channels = net.body[0].in_channels
+        meta = torch.tensor([channels, net.fc.out_features, net.body[0].out_channels])
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"meta": meta, "state": net.state_dict()}, tmp)
+        tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class ExtractorChoice:
+    """What torch-fidelity is told: extractor name, weights file, channels it needs, and our tag."""
+
+    fidelity_name: str
+    weights_path: str
+    tag: str
+    needs_rgb: bool
+
+
+def inception_weights(path: str | None) -> str:
+    """The local Inception weights file (param, else ``$NESTAR_INCEPTION_WEIGHTS``); never downloads."""
+    path = path or os.environ.get(INCEPTION_ENV)
+    if not path:
+        raise FileNotFoundError(
+            f"the inception extractor needs local weights: set metric param inception_weights or ${INCEPTION_ENV} "
+            f"to {INCEPTION_HINT}"
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: Inception weights file not found (expected {INCEPTION_HINT})")
+    return str(path)

@@ -1,0 +1,78 @@
+"""The results store, tables, plots, and a row that survives a failing metric."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from nestar_lab import results
+from nestar_lab.cli import main
+from nestar_lab.config import validate_config
+from nestar_lab.evaluate import evaluate
+from nestar_lab.plots import higher_is_better, pareto_mask
+from nestar_lab.train import load_trained, train
+
+
+def fake_rows(tiny_raw, tmp_path):
+    for k, solver, fid, sec in [(4, "euler", 10.0, 0.01), (4, "rk4", 8.0, 0.03), (8, "euler", 12.0, 0.02), (8, "rk4", 7.0, 0.05)]:
+        raw = {**tiny_raw, "generator": {"name": "nestar", "params": {"k": k}}, "ode_solver": {"name": solver}}
+        results.append_run(validate_config(raw), tmp_path / f"run-k{k}-{solver}", {"fid_digits_cnn": fid, "sec_per_image": sec}, "cpu")
+    return results.load(tiny_raw["output_dir"])
+
+
+def test_rows_hold_ids_knobs_and_metrics(tiny_raw, tmp_path):
+    df = fake_rows(tiny_raw, tmp_path)
+    assert len(df) == 4
+    assert {"run_id", "time", "config_hash", "device", "generator", "generator.k", "ode_solver.steps", "train.lr"} <= set(df.columns)
+    assert df["config_hash"].nunique() == 4
+
+
+def test_table_filters_groups_and_picks_metrics(tiny_raw, tmp_path):
+    df = fake_rows(tiny_raw, tmp_path)
+    only_k4 = results.table(df, where=["k=4"], metrics=["fid_digits_cnn"])
+    assert list(only_k4.columns) == ["run_id", "fid_digits_cnn"] and len(only_k4) == 2
+    by = results.table(df, by=["ode_solver"], metrics=["fid_digits_cnn", "sec_per_image"])
+    rk4 = by[by["ode_solver"] == "rk4"].iloc[0]
+    assert rk4["runs"] == 2 and rk4["fid_digits_cnn"] == pytest.approx(7.5)
+    with pytest.raises(KeyError, match="no column 'kk'"):
+        results.table(df, where=["kk=4"])
+    assert "| ode_solver | runs |" in results.to_markdown(by)
+
+
+def test_cli_table_and_plot(tiny_raw, tmp_path, capsys):
+    fake_rows(tiny_raw, tmp_path)
+    out_dir = tiny_raw["output_dir"]
+    assert main(["table", "--results-dir", out_dir, "--by", "generator.k", "--metrics", "fid_digits_cnn", "--format", "csv"]) == 0
+    frame = pd.read_csv(pd.io.common.StringIO(capsys.readouterr().out))
+    assert frame.set_index("generator.k")["fid_digits_cnn"].to_dict() == {4: 9.0, 8: 9.5}
+    png = tmp_path / "plot.png"
+    assert main(["plot", "--results-dir", out_dir, "--y", "fid_digits_cnn", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert main(["table", "--results-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_pareto_front():
+    x = pd.Series([0.01, 0.03, 0.02, 0.05])  # seconds: lower is better
+    y = pd.Series([10.0, 8.0, 12.0, 7.0])  # FID: lower is better
+    assert pareto_mask(x, y, False, False).tolist() == [True, True, False, True]
+    assert higher_is_better("class_accuracy") and higher_is_better("is_digits_cnn") and not higher_is_better("fid_x")
+
+
+def test_failed_metric_is_recorded_and_the_row_kept(tiny_raw, tmp_path, monkeypatch):
+    monkeypatch.delenv("NESTAR_INCEPTION_WEIGHTS", raising=False)
+    tiny_raw["metrics"] = [
+        {"name": "fidelity", "params": {"extractor": "inception"}},
+        {"name": "nearest_train_distance"},
+    ]
+    cfg = validate_config(tiny_raw)
+    run = train(cfg, tmp_path / "run", progress=False).run_dir
+    row = evaluate(load_trained(run), run)
+    assert "NESTAR_INCEPTION_WEIGHTS" in row["error_fidelity"]
+    assert "nn_train_dist_generated" in row
+    saved = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert saved["error_fidelity"] == row["error_fidelity"]
+    df = results.load(cfg.output_dir)
+    assert len(df) == 1 and df.iloc[0]["run_id"] == "run" and "error_fidelity" in df.columns
