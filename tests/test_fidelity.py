@@ -97,3 +97,17 @@ def test_within_class_diversity_of_real_images_is_about_one_and_collapse_is_low(
         return firsts[labels]
 
     assert metric.compute(ctx_for(tmp_path, one_per_class))["diversity_ratio_digits_cnn"] < 0.01
+
+
+def test_inception_weights_of_the_wrong_shape_are_a_clear_error(tmp_path):
+    bad = tmp_path / "wrong.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(8, 3, 3, 3)}, bad)
+    with pytest.raises(ValueError, match=r"wrong.pth: not Inception weights \(Conv2d_1a_3x3.conv.weight is \(8, 3, 3, 3\)"):
+        make("fidelity", extractor="inception", inception_weights=str(bad)).compute(ctx_for(tmp_path, real_test_images, spc=2))
+
+
+def test_real_baseline_scores_held_out_images(tmp_path):
+    out = make("fidelity", real_baseline=True, isc=False, prc=False).compute(
+        ctx_for(tmp_path, lambda ds, labels: torch.rand(len(labels), 1, 8, 8) * 2 - 1)
+    )
+    assert out["fid_digits_cnn_real"] * 5 < out["fid_digits_cnn"]

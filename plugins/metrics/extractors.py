@@ -103,4 +103,17 @@ def inception_weights(path: str | None) -> str:
         )
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: Inception weights file not found (expected {INCEPTION_HINT})")
+    _check_inception(path)
     return str(path)
+
+
+def _check_inception(path: str) -> None:
+    """Fail in one line when a file is not torch-fidelity's Inception state dict."""
+    key, shape = "Conv2d_1a_3x3.conv.weight", (32, 3, 3, 3)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+    got = tuple(state[key].shape) if isinstance(state, dict) and key in state else None
+    if got != shape:
+        raise ValueError(f"{path}: not Inception weights ({key} is {got}, expected {shape}; use {INCEPTION_HINT})")

@@ -60,6 +60,7 @@ class Fidelity(Metric):
         inception_weights: str | None = Field(None, description="local weights file (or $NESTAR_INCEPTION_WEIGHTS)")
         classifier_epochs: int = Field(60, ge=1)
         classifier_width: int = Field(32, ge=4)
+        real_baseline: bool = Field(True, description="also score real held-out images (keys *_real)")
 
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         p = self.params
@@ -71,15 +72,24 @@ class Fidelity(Metric):
             raise ValueError(f"fidelity: generated images are {tuple(samples.images.shape[1:])}, the dataset's {expected}")
         name, weights, tag, rgb = self._extractor(ctx)
         reference, ref_key = self._reference(ctx, rgb)
+        out = self._score(ctx, samples.images, reference, ref_key, name, weights, tag, rgb)
+        if p.real_baseline:
+            # the same numbers for real held-out images: what a perfect generator would score
+            held_out = ctx.dataset.split("train" if p.reference == "test" else "test").images
+            real = self._score(ctx, held_out[: samples.images.shape[0]], reference, ref_key, name, weights, tag, rgb)
+            out.update({f"{k}_real": v for k, v in real.items()})
+        return out
+
+    def _score(self, ctx, images, reference, ref_key, name, weights, tag, rgb) -> dict[str, float]:
+        p = self.params
         n_ref = len(reference) if isinstance(reference, Uint8Images) else None
-        subset = min(p.kid_subset_size, samples.images.shape[0], n_ref or p.kid_subset_size)
-        cpu = ctx.device.type != "cuda"
+        subset = min(p.kid_subset_size, images.shape[0], n_ref or p.kid_subset_size)
         import torch_fidelity
 
         raw = torch_fidelity.calculate_metrics(
-            input1=Uint8Images(samples.images, rgb),
+            input1=Uint8Images(images, rgb),
             input2=reference,
-            cuda=not cpu,
+            cuda=ctx.device.type == "cuda",
             save_cpu_ram=True,
             batch_size=p.batch_size,
             fid=p.fid, isc=p.isc, kid=p.kid, prc=p.prc,
