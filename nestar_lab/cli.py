@@ -6,6 +6,8 @@
     nestar eval RUN_DIR                evaluate a trained run again
     nestar table [--where k=4] [--by generator,ode_solver] [--metrics ...] [--format markdown|csv]
     nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
+    nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W]
+    nestar study report STUDY
     nestar plugins                     every registered plugin: kind, name, provider
 """
 
@@ -63,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", default="sec_per_image", help="cost axis (default sec_per_image)")
     pl.add_argument("--y", required=True, help="quality axis, e.g. fid_digits_cnn")
     pl.add_argument("--out", default="tradeoff.png")
+
+    st = sub.add_parser("study", help="Optuna studies: run, report")
+    st_sub = st.add_subparsers(dest="study_command", required=True)
+    sr = st_sub.add_parser("run", help="run (or continue) a study")
+    sr.add_argument("study", help="studies/NAME.yaml or NAME")
+    sr.add_argument("--trials", type=int, default=None, help="total trials (default: the study's)")
+    sr.add_argument("--timeout", type=float, default=None, help="seconds")
+    sr.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: SQLite in the study dir)")
+    sr.add_argument("--workers", type=int, default=1, help="processes sharing the storage")
+    sp = st_sub.add_parser("report", help="best trials, trials x metrics table, plots")
+    sp.add_argument("study")
+    sp.add_argument("--storage", default=None)
 
     sub.add_parser("plugins", help="list registered plugins")
     return p
@@ -192,6 +206,26 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from nestar_lab.results import to_markdown
+    from nestar_lab.study import load_study
+    from nestar_lab.tuning import report, run_study
+
+    spec = load_study(args.study)
+    if args.study_command == "run":
+        study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty())
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        counts = {s: states.count(s) for s in sorted(set(states))}
+        print(f"study {spec.name}: {len(states)} trials {counts}; report: nestar study report {args.study}")
+        return 0
+    out = report(spec, args.storage)
+    for t in out["best"]:
+        print(f"best trial {t.number}: values {t.values} params {t.params} run {t.user_attrs.get('run_id')}")
+    print(to_markdown(out["table"]))
+    print(f"table and plots in {out['out_dir']}: {', '.join(p.name for p in out['plots']) or 'no plots'}")
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from nestar_lab.registry import get_registry
 
@@ -210,6 +244,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "table": cmd_table,
     "plot": cmd_plot,
+    "study": cmd_study,
     "plugins": cmd_plugins,
 }
 

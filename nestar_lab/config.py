@@ -47,6 +47,10 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
+    module_schedule: Literal["joint", "progressive"] = Field(
+        "joint", description="progressive: modules pre-trained one at a time, then jointly"
+    )
+    progressive_fraction: float = Field(0.5, ge=0, lt=1, description="share of steps spent pre-training")
 
 
 class SampleConfig(Strict):

@@ -30,13 +30,19 @@ def training_losses(
     tokens_BND: Tensor,
     labels_B: Tensor,
     flow: FlowConfig,
-    coordination: CoordinationObjective,
+    coordination: CoordinationObjective | None,
     rng: torch.Generator,
+    *,
+    stages: set[int] | None = None,
+    measure_disagreement: bool = False,
 ) -> LossOutput:
-    """Flow-matching losses of every stage and the coordination loss for one batch.
+    """Flow-matching losses of the stages (all, or ``stages``) and the coordination loss
+    (none when ``coordination`` is None).
 
     Each token gets ``flow.batch_mul`` (noise, time) draws shared by every module that
     predicts it, so the coordination pair sees both modules at the same ``(y_t, t)``.
+    ``measure_disagreement`` adds ``disagree_m``: mean ||v_m - v_(m-1)||^2 on module m-1's
+    tokens, logged whether or not the objective uses it (it is never part of the loss).
     """
     B, n, d = tokens_BND.shape
     mul, device = flow.batch_mul, tokens_BND.device
@@ -45,8 +51,13 @@ def training_losses(
     parts: dict[str, Tensor] = {}
     pairs: list[CoordinationPair] = []
     own_velocity: dict[int, Tensor] = {}
+    active = set(range(len(gen.schedule.stages))) if stages is None else stages
+    coordinate = coordination is not None and coordination.needs_pairs
     for i, stage in enumerate(gen.schedule.stages):
-        with_partner = coordination.needs_pairs and stage.coordinate_with is not None
+        if i not in active:
+            continue
+        j = stage.coordinate_with
+        with_partner = j in own_velocity and (coordinate or measure_disagreement)
         rows, n_main = gen.training_rows(i, with_partner, device)
         net = gen.net(i)
         cond_BLD = net(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=i)
@@ -57,18 +68,19 @@ def training_losses(
         parts[f"flow_{i + 1}"] = F.mse_loss(v[:, :, :n_main], ps.target[:, :, :n_main])
         own_velocity[i] = v[:, :, :n_main]
         if with_partner:
-            j = stage.coordinate_with
-            pairs.append(
-                CoordinationPair(
-                    fine_stage=i,
-                    v_fine=v[:, :, n_main:].flatten(0, 1),
-                    v_coarse=own_velocity[j].detach().flatten(0, 1),
-                    y_t=ps.y_t[:, :, n_main:].flatten(0, 1),
-                    t=ps.t[:, :, n_main:].flatten(0, 1),
-                )
+            pair = CoordinationPair(
+                fine_stage=i,
+                v_fine=v[:, :, n_main:].flatten(0, 1),
+                v_coarse=own_velocity[j].detach().flatten(0, 1),
+                y_t=ps.y_t[:, :, n_main:].flatten(0, 1),
+                t=ps.t[:, :, n_main:].flatten(0, 1),
             )
+            pairs.append(pair)
     total = torch.stack(list(parts.values())).sum()
-    if pairs:
+    if measure_disagreement:
+        for p in pairs:
+            parts[f"disagree_{p.fine_stage + 1}"] = (p.v_fine.detach() - p.v_coarse).pow(2).mean()
+    if pairs and coordinate:
         parts["coor"] = coordination(pairs)
         total = total + parts["coor"]
     return LossOutput(total=total, parts=parts)

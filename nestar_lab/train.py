@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -105,10 +106,13 @@ def train(
     resume: bool = False,
     stop_at_step: int | None = None,
     progress: bool = True,
+    callbacks: list[Callable[[int, Experiment], None]] = (),
 ) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (a new one when None); ``resume`` continues its checkpoint.
 
     ``stop_at_step`` interrupts after that many steps exactly as SIGINT would (for tests).
+    ``callbacks(step, exp)`` run after every step (e.g. a study's pruning check); what they
+    raise ends training.
     """
     run_dir = Path(run_dir) if resume else new_run_dir(cfg, run_dir)
     exp = build_experiment(cfg)
@@ -145,6 +149,8 @@ def train(
                 bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
                 _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc))
             bar.update(1)
+            for callback in callbacks:
+                callback(step, exp)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
             if stop.requested or (stop_at_step is not None and step >= stop_at_step and step < tc.steps):
@@ -162,8 +168,20 @@ def train(
     return result
 
 
+def active_stages(step: int, num_stages: int, cfg: TrainConfig) -> set[int] | None:
+    """Stages trained at ``step``: all (``joint``), or under ``progressive`` one module at a
+    time in order during the first ``progressive_fraction`` of the steps, then all."""
+    pretrain = int(cfg.progressive_fraction * cfg.steps)
+    if cfg.module_schedule == "joint" or step >= pretrain:
+        return None
+    return {step * num_stages // pretrain}
+
+
 def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, step: int):
-    """One optimiser step at ``step``: batch, label dropout, losses, clip, AdamW, EMA."""
+    """One optimiser step at ``step``: batch, label dropout, losses, clip, AdamW, EMA.
+
+    On logging steps the velocity disagreement of adjacent modules is measured too.
+    """
     cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
     rng = step_generator(cfg.seed, step, device)
     idx = batch_indices(step, len(labels), tc.batch_size, cfg.seed).to(device)
@@ -174,8 +192,12 @@ def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, s
     y = torch.where(drop, torch.full_like(y, exp.dataset.num_classes), y)
     for group in opt.param_groups:
         group["lr"] = tc.lr * lr_factor(step, tc)
+    stages = active_stages(step, len(exp.generator.schedule.stages), tc)
     with exp.autocast()():
-        out = training_losses(exp.generator, tokens, y, cfg.flow, exp.coordination, rng)
+        out = training_losses(
+            exp.generator, tokens, y, cfg.flow, exp.coordination, rng,
+            stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0,
+        )  # fmt: skip
     opt.zero_grad(set_to_none=True)
     out.total.backward()
     if tc.grad_clip > 0:
@@ -183,6 +205,22 @@ def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, s
     opt.step()
     ema.update(dict(exp.generator.named_parameters()), step)
     return out
+
+
+@torch.no_grad()
+def validation_loss(exp: Experiment, num_images: int = 256, seed: int = 0) -> float:
+    """Flow loss (all modules, no coordination) of the current weights on a fixed test batch
+    with fixed noise: a cheap, comparable signal during training."""
+    split = exp.dataset.split("test")
+    images, labels = split.images[:num_images].to(exp.device), split.labels[:num_images].to(exp.device)
+    tokens = exp.order.flatten(exp.tokenizer.encode(images))
+    rng = torch.Generator(device=exp.device).manual_seed(seed)
+    was_training = exp.generator.training
+    exp.generator.eval()
+    with exp.autocast()():
+        parts = training_losses(exp.generator, tokens, labels, exp.cfg.flow, None, rng).parts
+    exp.generator.train(was_training)
+    return float(sum(v for k, v in parts.items() if k.startswith("flow_")))
 
 
 def make_optimizer(exp: Experiment):

@@ -1,0 +1,189 @@
+"""Study definitions: a base config, a search space over dotted keys, objectives, sampler, pruner.
+
+A study file (YAML, in ``studies/``)::
+
+    name: solver_sweep
+    base: configs/quickstart.yaml          # relative to the study file
+    overrides: {train.steps: 200}          # applied to every trial (the CPU-sized default)
+    space:
+      ode_solver.name: {choices: [euler, midpoint, rk4, dopri5]}
+      ode_solver.params.steps: {int: [2, 32], log: true, if: {ode_solver.name: [euler, midpoint, rk4]}}
+    objectives:
+      - {metric: fid_digits_cnn, direction: minimize}
+      - {metric: nfe_per_image, direction: minimize}
+    sampler: {name: tpe, params: {seed: 0}}
+    pruner: {name: median, params: {n_warmup_steps: 100}}
+    report_every: 50                       # intermediate validation loss -> pruner (0: never)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nestar_lab.config import ConfigError, _error_lines, read_yaml
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ParamSpace(Strict):
+    """One searched key: ``choices``, an ``int`` or a ``float`` range (``log``, ``step``), and an
+    optional condition ``if: {other.key: [values]}`` under which it is searched at all."""
+
+    choices: list[Any] | None = None
+    int_range: tuple[int, int] | None = Field(None, alias="int")
+    float_range: tuple[float, float] | None = Field(None, alias="float")
+    log: bool = False
+    step: float | None = None
+    condition: dict[str, list[Any]] = Field(default_factory=dict, alias="if")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in (self.choices, self.int_range, self.float_range) if k is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choices, int: [low, high], float: [low, high]")
+        return self
+
+    def suggest(self, trial: optuna.Trial, key: str) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(key, self.choices)
+        if self.int_range is not None:
+            step = int(self.step or 1)
+            return trial.suggest_int(key, *self.int_range, log=self.log, step=step)
+        return trial.suggest_float(key, *self.float_range, log=self.log, step=self.step)
+
+
+class Objective(Strict):
+    """A metric of the results row and whether to minimise or maximise it."""
+
+    metric: str
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class NamedSpec(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "grid": optuna.samplers.GridSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+SAMPLING_KEYS = ("ode_solver.", "sample.", "eval.", "metrics")
+
+
+class StudySpec(Strict):
+    """A study: what to start from, what to search, what to optimise."""
+
+    name: str
+    base: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, ParamSpace] = Field(default_factory=dict)
+    arms: list[dict[str, Any]] = Field(
+        default_factory=list, description="explicit trials (values for searched keys), enqueued once"
+    )
+    objectives: list[Objective] = Field(min_length=1)
+    sampler: NamedSpec = NamedSpec(name="tpe", params={"seed": 0})
+    pruner: NamedSpec = NamedSpec(name="median")
+    report_every: int = Field(0, ge=0, description="steps between validation-loss reports (0: none)")
+    trials: int = Field(8, ge=1, description="default number of trials for `nestar study run`")
+    output_dir: str = "runs/studies"
+    notes: str = ""
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _known_parts(self):
+        if self.sampler.name not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler.name!r} unknown; choose from {', '.join(SAMPLERS)}")
+        if self.pruner.name not in PRUNERS:
+            raise ValueError(f"pruner {self.pruner.name!r} unknown; choose from {', '.join(PRUNERS)}")
+        for key, space in self.space.items():
+            for other in space.condition:
+                if other not in self.space:
+                    raise ValueError(f"space.{key}: condition on {other!r}, which is not searched")
+        for i, arm in enumerate(self.arms):
+            unknown = set(arm) - set(self.space)
+            if unknown:
+                raise ValueError(f"arms.{i}: keys {sorted(unknown)} are not in the search space")
+        return self
+
+    @property
+    def sampling_only(self) -> bool:
+        """True when only sampling-time keys are searched: trials then share one training."""
+        return bool(self.space) and all(k.startswith(SAMPLING_KEYS) for k in self.space)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def base_path(self) -> Path:
+        root = self.source.parent if self.source else Path(".")
+        return root / self.base
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        params = dict(self.sampler.params)
+        if self.sampler.name == "grid":
+            params.setdefault("search_space", {k: v.choices for k, v in self.space.items()})
+        return SAMPLERS[self.sampler.name](**params)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        return PRUNERS[self.pruner.name](**self.pruner.params)
+
+
+def load_study(name_or_path: str | Path) -> StudySpec:
+    """A study by file path, or by name from ``studies/<name>.yaml``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path("studies") / f"{name_or_path}.yaml"
+    raw = read_yaml(path)
+    try:
+        spec = StudySpec.model_validate(raw)
+    except Exception as exc:  # pydantic ValidationError -> one line per problem
+        lines = _error_lines(exc) if hasattr(exc, "errors") else [str(exc)]
+        raise ConfigError([f"{path}: {line}" for line in lines]) from None
+    spec = spec.model_copy(update={"source": path})
+    if not spec.base_path().is_file():
+        raise ConfigError([f"{path}: base config {spec.base_path()} not found"])
+    return spec
+
+
+def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
+    """The study's fixed overrides plus this trial's suggestions (conditions respected)."""
+    chosen: dict[str, Any] = {}
+    for key, space in spec.space.items():  # conditions refer to keys listed before them
+        if all(chosen.get(other) in values for other, values in space.condition.items()):
+            chosen[key] = space.suggest(trial, key)
+    return {**spec.overrides, **chosen}
+
+
+def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested config. Changing a part's ``name`` drops the base's params
+    for that part (they belonged to the other plugin) unless params are set too."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if parts[-1] == "name" and node.get("name") != value:
+            node["params"] = {}
+        node[parts[-1]] = value
+    return raw
