@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import optuna
 from nestar_lab.config import ConfigError, read_yaml, validate_config
 from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
 
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+_RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 HEARTBEAT_S = int(os.environ.get("NESTAR_HEARTBEAT_S", "60"))  # RDB storage: stale-trial detection
 
 
@@ -41,7 +44,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         url,
         heartbeat_interval=HEARTBEAT_S,
         grace_period=2 * HEARTBEAT_S,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=_RETRY(max_retry=1),
     )
 
 

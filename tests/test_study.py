@@ -126,6 +126,8 @@ def test_a_killed_workers_study_resumes(tmp_path, tiny_raw):
         time.sleep(0.5)
     proc.kill()
     proc.wait()
+    tiny_raw["train"]["steps"] = 6  # the remaining trials may be quick
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**tiny_raw, "metrics": [{"name": "nearest_train_distance"}]}))
     time.sleep(3)  # past the heartbeat grace period: the trial is stale
     os.environ["NESTAR_HEARTBEAT_S"] = "1"
     try:
