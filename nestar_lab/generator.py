@@ -54,9 +54,13 @@ class Generator(Plugin, nn.Module, ABC):
         if key not in self._rows:
             if partner is None:
                 src, tgt, mask, n_main = st.src_idx, st.tgt_idx, st.mask(), st.num_rows
+                groups = st.step_of_row
             else:
-                src, tgt, mask, n_main = coordination_rows(st, self.schedule.stages[partner])
-            self._rows[key] = (Rows(src.to(device), tgt.to(device), mask.to(device)), n_main)
+                other = self.schedule.stages[partner]
+                src, tgt, mask, n_main = coordination_rows(st, other)
+                groups = torch.cat([st.step_of_row, other.step_of_row + st.num_steps])
+            rows = Rows(src.to(device), tgt.to(device), mask.to(device), groups.to(device))
+            self._rows[key] = (rows, n_main)
         return self._rows[key]
 
 

@@ -140,6 +140,7 @@ class Rows:
     src_idx: Tensor
     tgt_idx: Tensor
     mask: Tensor | None = None
+    groups: Tensor | None = None  # (L,) patch id of each row; None: all rows are one patch
 
     def __len__(self) -> int:
         return int(self.tgt_idx.shape[0])
@@ -170,11 +171,13 @@ class ScaleModule(Plugin, nn.Module, ABC):
         """Append rows to ``cache``; they see every cached row and each other. -> ``(B, L, D)``."""
 
     @abstractmethod
-    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
-        """Per-token velocity of noisy tokens ``y`` at time ``t`` given the conditioning.
+    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
+        """Velocity of noisy tokens ``y`` at time ``t`` given the conditioning.
 
         ``y`` and ``t`` may carry extra leading dimensions (several noise draws per token)
         over which ``cond`` broadcasts: ``(..., B, L, d)``, ``(..., B, L)``, ``(B, L, D)``.
+        ``groups_L`` says which rows form one patch: a joint head lets the tokens of a patch
+        see each other (and only each other); a per-token head ignores it.
         """
 
 

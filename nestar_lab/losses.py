@@ -64,7 +64,7 @@ def training_losses(
         tgt = rows.tgt_idx
         x1 = tokens_BND[:, tgt].expand(mul, -1, -1, -1)
         ps = path_sample(x1, x0_mBND[:, :, tgt], t_mBN[:, :, tgt])
-        v = net.velocity(ps.y_t, ps.t, cond_BLD).float()  # cond broadcasts over the draws
+        v = net.velocity(ps.y_t, ps.t, cond_BLD, rows.groups).float()  # cond broadcasts over draws
         parts[f"flow_{i + 1}"] = F.mse_loss(v[:, :, :n_main], ps.target[:, :, :n_main])
         own_velocity[i] = v[:, :, :n_main]
         if with_partner:

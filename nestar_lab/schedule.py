@@ -116,3 +116,17 @@ def nested_schedule(num_tokens: int, k: int) -> Schedule:
             Stage(src_idx=tgt - patch, tgt_idx=tgt, step_of_row=(tgt // patch) - 1, coordinate_with=m - 1)
         )
     return Schedule(num_tokens, stages)
+
+
+def autoregressive_schedule(num_tokens: int) -> Schedule:
+    """Token-by-token AR: one module, n steps, token i fed by token i-1 (n sequential steps)."""
+    arange = torch.arange
+    return Schedule(num_tokens, [Stage(src_idx=arange(-1, num_tokens - 1), tgt_idx=arange(num_tokens),
+                                       step_of_row=arange(num_tokens))])  # fmt: skip
+
+
+def single_step_schedule(num_tokens: int) -> Schedule:
+    """Every token in one step (diffusion-style): rows fed by the start embedding only, so the
+    whole image is produced by the velocity head; pair it with a joint head."""
+    n = num_tokens
+    return Schedule(n, [Stage(src_idx=torch.full((n,), -1), tgt_idx=torch.arange(n), step_of_row=torch.zeros(n, dtype=torch.long))])

@@ -13,14 +13,17 @@ from nestar_plugins.token_orders.orders import CoarseToFine
 
 reg = get_registry()
 SMALL = {"transformer": {"width": 32, "depth": 2, "heads": 2, "prefix_tokens": 2, "head_width": 32, "head_depth": 1}}
+# every registered scale module with its defaults (or SMALL), plus the transformer's joint head
+MODULES = [(n, {}) for n in reg.names("scale_module")] + [("transformer", {"head": "joint", "head_heads": 2})]
+IDS = [f"{n}-{p.get('head', 'default')}" for n, p in MODULES]
 
 
-def make_module(name, num_stages=3):
+def make_module(name, num_stages=3, **params):
     order = CoarseToFine(grid=(8, 8))
     spec = ScaleModuleSpec(token_dim=2, num_classes=10, coords=order.coords, grid=(8, 8), num_stages=num_stages)
     cls = reg.get("scale_module", name)
     torch.manual_seed(0)
-    net = cls(cls.Params(**SMALL.get(name, {})), spec=spec).double()
+    net = cls(cls.Params(**{**SMALL.get(name, {}), **params}), spec=spec).double()
     # heads start at zero output (AdaLN-zero); randomise so the checks see real numbers
     for p in net.parameters():
         if p.abs().sum() == 0:
@@ -32,9 +35,9 @@ def stage_rows(stage):
     return Rows(stage.src_idx, stage.tgt_idx, stage.mask())
 
 
-@pytest.mark.parametrize("name", reg.names("scale_module"))
-def test_cached_extension_equals_teacher_forced_pass(name):
-    net = make_module(name)
+@pytest.mark.parametrize("name,params", MODULES, ids=IDS)
+def test_cached_extension_equals_teacher_forced_pass(name, params):
+    net = make_module(name, **params)
     stage = nested_schedule(64, 4).stages[2]
     tokens = torch.randn(3, 64, 2, dtype=torch.float64)
     labels = torch.tensor([1, 5, 10])
@@ -47,9 +50,9 @@ def test_cached_extension_equals_teacher_forced_pass(name):
         torch.testing.assert_close(part, full[:, sl], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", reg.names("scale_module"))
-def test_a_patch_sees_only_earlier_patches(name):
-    net = make_module(name)
+@pytest.mark.parametrize("name,params", MODULES, ids=IDS)
+def test_a_patch_sees_only_earlier_patches(name, params):
+    net = make_module(name, **params)
     stage = nested_schedule(64, 4).stages[2]
     tokens = torch.randn(2, 64, 2, dtype=torch.float64)
     labels = torch.tensor([3, 4])
@@ -64,9 +67,9 @@ def test_a_patch_sees_only_earlier_patches(name):
             assert same == (s < patch), f"step {s} after perturbing patch {patch}"
 
 
-@pytest.mark.parametrize("name", reg.names("scale_module"))
-def test_labels_condition_and_velocity_broadcasts(name):
-    net = make_module(name)
+@pytest.mark.parametrize("name,params", MODULES, ids=IDS)
+def test_labels_condition_and_velocity_broadcasts(name, params):
+    net = make_module(name, **params)
     stage = nested_schedule(64, 4).stages[0]
     x = gather_inputs(torch.randn(2, 64, 2, dtype=torch.float64), stage.src_idx)
     a = net(x, stage_rows(stage), torch.tensor([0, 0]), stage=0)
@@ -76,6 +79,22 @@ def test_labels_condition_and_velocity_broadcasts(name):
     v = net.velocity(y, t, a)
     assert v.shape == y.shape
     torch.testing.assert_close(v[3], net.velocity(y[3], t[3], a))
+
+
+@pytest.mark.parametrize("name,params", MODULES, ids=IDS)
+def test_velocity_heads_keep_patches_apart(name, params):
+    net = make_module(name, **params)
+    cond = torch.randn(2, 8, 32, dtype=torch.float64)
+    y, t = torch.randn(2, 8, 2, dtype=torch.float64), torch.rand(2, 8, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    base = net.velocity(y, t, cond, groups)
+    bumped = y.clone()
+    bumped[:, 5] += 1.0
+    out = net.velocity(bumped, t, cond, groups)
+    assert torch.allclose(out[:, :4], base[:, :4]), "a patch must not see another patch's tokens"
+    others = [4, 6, 7]
+    joint = not torch.allclose(out[:, others], base[:, others])
+    assert joint == (params.get("head") == "joint")
 
 
 @pytest.mark.parametrize("name", reg.names("generator"))

@@ -111,3 +111,18 @@ def test_shared_weights_use_one_module_for_every_stage(tiny_raw):
     out = training_losses(shared, torch.randn(2, 64, 1), torch.tensor([0, 10]), FlowConfig(), coordination, torch.Generator())
     out.total.backward()
     assert all(p.grad is not None for p in shared.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("generator,steps", [("ar", 64), ("dit", 1)])
+def test_baseline_schedules_sample_with_their_step_counts(tiny_raw, generator, steps):
+    from nestar_lab.config import validate_config
+
+    tiny_raw["generator"] = {"name": generator}
+    tiny_raw["scale_module"]["params"].update(head="joint", head_heads=2)
+    exp = build_experiment(validate_config(tiny_raw))
+    out = training_losses(exp.generator, torch.randn(2, 64, 1), torch.tensor([0, 1]), FlowConfig(), exp.coordination, torch.Generator())
+    assert set(out.parts) == {"flow_1"}
+    out.total.backward()
+    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([3, 4]))
+    assert samples.images.shape == (2, 1, 8, 8)
+    assert samples.stats.sequential_steps == steps and samples.stats.nfe_per_image == 2 * steps

@@ -1,9 +1,10 @@
 """Built-in generators."""
 
 from nestar_lab.hookspecs import hookimpl
+from nestar_plugins.generators.baselines import AR, DiT
 from nestar_plugins.generators.nestar import NestAR
 
 
 @hookimpl
 def nestar_register_generators():
-    return {"nestar": NestAR}
+    return {"nestar": NestAR, "ar": AR, "dit": DiT}

@@ -116,10 +116,60 @@ class FlowHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
+    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
         c = self.cond(cond_BLD) + self.time(timestep_features(t_BL).to(cond_BLD.dtype))
         x = self.inp(y_BLd)
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.ada(c).chunk(2, dim=-1)
         return self.out(_modulate(self.norm(x), shift, scale))
+
+
+class AdaLNAttnBlock(nn.Module):
+    """DiT-style block: attention and MLP, each shifted, scaled and gated by the conditioning."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+        s1, g1, b1, s2, g2, b2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1 * self.attn(_modulate(self.norm1(x), b1, s1), mask)
+        return x + g2 * self.mlp(_modulate(self.norm2(x), b2, s2))
+
+
+class JointHead(nn.Module):
+    """Velocity head over the tokens of a patch together: a small transformer whose tokens attend
+    within their patch, AdaLN-conditioned per token on time and the context transformer's output."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, heads: int):
+        super().__init__()
+        self.inp = nn.Linear(token_dim, width)
+        self.cond = nn.Linear(cond_dim, width)
+        self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(AdaLNAttnBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_dim)
+        for layer in (self.ada[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
+        c = self.cond(cond_BLD) + self.time(timestep_features(t_BL).to(cond_BLD.dtype))
+        x = self.inp(y_BLd)
+        shape = torch.broadcast_shapes(x.shape, c.shape)
+        L, W = shape[-2], shape[-1]
+        x, c = x.expand(shape).reshape(-1, L, W), c.expand(shape).reshape(-1, L, W)
+        mask = None if groups_L is None else groups_L[:, None] == groups_L[None, :]
+        for block in self.blocks:
+            x = block(x, c, mask)
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        out = self.out(_modulate(self.norm(x), shift, scale))
+        return out.reshape(*shape[:-1], out.shape[-1])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from nestar_lab.interfaces import Params, Rows, ScaleModule
-from nestar_plugins.scale_modules.layers import Block, FlowHead, LayerCache, sincos_2d
+from nestar_plugins.scale_modules.layers import Block, FlowHead, JointHead, LayerCache, sincos_2d
 
 
 class Transformer(ScaleModule):
@@ -15,7 +17,9 @@ class Transformer(ScaleModule):
 
     Each row's input is the feeding token (projected) plus position features of the feeding
     token and of the target token (both from their 2-D grid coordinates), or the learned start
-    embedding. The output at a row conditions the per-token flow head for the target token.
+    embedding. The output at a row conditions the velocity head for the target token: a
+    per-token MLP (``head: mlp``, MAR's design) or a joint transformer over the patch's tokens
+    (``head: joint``), which models the tokens of a patch together.
     """
 
     class Params(Params):
@@ -24,13 +28,17 @@ class Transformer(ScaleModule):
         heads: int = Field(4, ge=1)
         mlp_ratio: float = Field(4.0, gt=0)
         prefix_tokens: int = Field(4, ge=1, description="label tokens every row can attend to")
+        head: Literal["mlp", "joint"] = Field("mlp", description="per-token MLP, or joint over a patch")
         head_width: int = Field(128, ge=8)
         head_depth: int = Field(3, ge=1)
+        head_heads: int = Field(4, ge=1, description="attention heads of the joint head")
 
         @model_validator(mode="after")
         def _heads_divide_width(self):
             if self.width % self.heads:
                 raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+            if self.head == "joint" and self.head_width % self.head_heads:
+                raise ValueError(f"head_heads ({self.head_heads}) must divide head_width ({self.head_width})")
             return self
 
     def __init__(self, params=None, *, spec):
@@ -46,7 +54,10 @@ class Transformer(ScaleModule):
         self.stage_emb = nn.Embedding(spec.num_stages, D)
         self.blocks = nn.ModuleList(Block(D, p.heads, p.mlp_ratio) for _ in range(p.depth))
         self.norm = nn.LayerNorm(D)
-        self.head = FlowHead(spec.token_dim, D, p.head_width, p.head_depth)
+        if p.head == "joint":
+            self.head = JointHead(spec.token_dim, D, p.head_width, p.head_depth, p.head_heads)
+        else:
+            self.head = FlowHead(spec.token_dim, D, p.head_width, p.head_depth)
         for emb in (self.label_emb, self.stage_emb):
             nn.init.normal_(emb.weight, std=0.02)
 
@@ -83,5 +94,5 @@ class Transformer(ScaleModule):
             x = block(x, cache=layer_cache)
         return self.norm(x)
 
-    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> Tensor:
-        return self.head(y_BLd, t_BL, cond_BLD)
+    def velocity(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
+        return self.head(y_BLd, t_BL, cond_BLD, groups_L)
