@@ -24,41 +24,7 @@ from nestar_lab.config import load_config
 from nestar_lab.evaluate import make_sampler
 from nestar_lab.experiment import build_experiment, use_bf16
 from nestar_lab.train import make_optimizer, train_step
-
-CONFIG = "studies/configs/quickstart.yaml"
-VARIANTS = {  # label -> overrides on the quickstart config; widths of baselines matched below
-    "NestAR k=4 (M=3)": ["generator.params.k=4"],
-    "NestAR k=8 (M=2)": ["generator.params.k=8"],
-    "NestAR k=4, joint head": ["generator.params.k=4", "scale_module.params.head=joint"],
-    "AR (raster)": ["generator.name=ar", "generator.params={}", "token_order.name=raster"],
-    "DiT (joint head, 50 steps)": [
-        "generator.name=dit", "generator.params={}", "scale_module.params.head=joint",
-        "ode_solver.params.steps=50",
-    ],
-}
-BASELINES = ("AR (raster)", "DiT (joint head, 50 steps)")
-MATCH_TO = "NestAR k=4 (M=3)"  # other variants' widths are chosen to match its parameter count
-
-
-def count_params(overrides: list[str]) -> int:
-    from nestar_lab.experiment import build_experiment as build
-
-    cfg = load_config(CONFIG, overrides + ["device=cpu"])
-    return sum(p.numel() for p in build(cfg).generator.parameters())
-
-
-def matched(overrides: list[str], target: int) -> list[str]:
-    """Overrides plus the width (transformer and head, multiples of 8) closest to ``target`` params."""
-    best = None
-    for width in range(32, 321, 8):
-        ov = overrides + [f"scale_module.params.width={width}", f"scale_module.params.head_width={width}"]
-        n = count_params(ov)
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (ov, n)
-        if n > target:
-            break
-    return best[0]
-
+from variants import BASELINES, CONFIG, plans, write_section
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -111,9 +77,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="docs/benchmarks.md")
     args = ap.parse_args()
-    target = count_params(VARIANTS[MATCH_TO])
-    plans = {label: (ov if label == MATCH_TO else matched(ov, target)) for label, ov in VARIANTS.items()}
-    rows = {label: measure(ov, args) for label, ov in plans.items()}
+    rows = {label: measure(ov, args) for label, ov in plans().items()}
     base = rows[BASELINES[0]]
     dev = base["device"]
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -134,18 +98,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     write_section(Path(args.out), "speed", table)
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace the text between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else ""
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
-    else:
-        text += f"\n{start}\n{body}\n{end}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

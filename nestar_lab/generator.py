@@ -39,6 +39,20 @@ class Generator(Plugin, nn.Module, ABC):
     def build_schedule(cls, params, num_tokens: int) -> Schedule:
         """The schedule for ``num_tokens`` tokens; raise ``ValueError`` when impossible."""
 
+    def training_losses(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
+        """The batch's losses. Default: the schedule's teacher-forced pass (``losses.py``);
+        generators whose steps are not fixed rows (e.g. MAR's random masking) override this."""
+        from nestar_lab.losses import training_losses
+
+        return training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options)
+
+    def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> tuple[Tensor, float]:
+        """Tokens for ``labels`` and the NFE per image. Default: the schedule sampler
+        (``sample.py``: KV cache, stages x steps); generators that re-encode override this."""
+        from nestar_lab.sample import sample_tokens
+
+        return sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
+
     def net(self, stage: int) -> ScaleModule:
         """The scale module that runs ``stage``."""
         return self.nets[stage if len(self.nets) > 1 else 0]

@@ -98,7 +98,7 @@ class Sampler:
         images, nfe_sum = [], 0
         chunks = labels.split(batch_size or self.cfg.batch_size)
         for chunk in tqdm(chunks, desc="sample", unit="batch", disable=len(chunks) < 2, leave=False):
-            tokens, nfe = sample_tokens(self.gen, chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
+            tokens, nfe = self.gen.sample_tokens(chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
             nfe_sum += nfe * len(chunk)  # adaptive solvers may differ per chunk
             images.append(self.tokenizer.decode(self.order.unflatten(tokens)).float().clamp(-1, 1))
         out = torch.cat(images)

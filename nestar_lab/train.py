@@ -21,7 +21,6 @@ from torch import Tensor
 
 from nestar_lab.config import ExperimentConfig, TrainConfig
 from nestar_lab.experiment import Experiment, build_experiment
-from nestar_lab.losses import training_losses
 from nestar_lab.rundir import load_checkpoint, new_run_dir, save_checkpoint, write_json
 
 
@@ -194,8 +193,8 @@ def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, s
         group["lr"] = tc.lr * lr_factor(step, tc)
     stages = active_stages(step, len(exp.generator.schedule.stages), tc)
     with exp.autocast()():
-        out = training_losses(
-            exp.generator, tokens, y, cfg.flow, exp.coordination, rng,
+        out = exp.generator.training_losses(
+            tokens, y, cfg.flow, exp.coordination, rng,
             stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0,
         )  # fmt: skip
     opt.zero_grad(set_to_none=True)
@@ -218,7 +217,7 @@ def validation_loss(exp: Experiment, num_images: int = 256, seed: int = 0) -> fl
     was_training = exp.generator.training
     exp.generator.eval()
     with exp.autocast()():
-        parts = training_losses(exp.generator, tokens, labels, exp.cfg.flow, None, rng).parts
+        parts = exp.generator.training_losses(tokens, labels, exp.cfg.flow, None, rng).parts
     exp.generator.train(was_training)
     return float(sum(v for k, v in parts.items() if k.startswith("flow_")))
 

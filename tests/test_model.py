@@ -113,16 +113,27 @@ def test_shared_weights_use_one_module_for_every_stage(tiny_raw):
     assert all(p.grad is not None for p in shared.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("generator,steps", [("ar", 64), ("dit", 1)])
-def test_baseline_schedules_sample_with_their_step_counts(tiny_raw, generator, steps):
+@pytest.mark.parametrize("generator,params,steps", [("ar", {}, 64), ("dit", {}, 1), ("mar", {"steps": 8}, 8)])
+def test_baseline_schedules_sample_with_their_step_counts(tiny_raw, generator, params, steps):
     from nestar_lab.config import validate_config
 
-    tiny_raw["generator"] = {"name": generator}
+    tiny_raw["generator"] = {"name": generator, "params": params}
     tiny_raw["scale_module"]["params"].update(head="joint", head_heads=2)
     exp = build_experiment(validate_config(tiny_raw))
-    out = training_losses(exp.generator, torch.randn(2, 64, 1), torch.tensor([0, 1]), FlowConfig(), exp.coordination, torch.Generator())
+    out = exp.generator.training_losses(
+        torch.randn(2, 64, 1), torch.tensor([0, 1]), FlowConfig(), exp.coordination, torch.Generator()
+    )
     assert set(out.parts) == {"flow_1"}
     out.total.backward()
     samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([3, 4]))
     assert samples.images.shape == (2, 1, 8, 8)
     assert samples.stats.sequential_steps == steps and samples.stats.nfe_per_image == 2 * steps
+
+
+def test_mar_reveals_every_token_once_on_a_cosine_schedule():
+    from nestar_plugins.generators.mar import reveal_counts
+
+    counts = reveal_counts(64, 8)
+    assert counts[-1] == 64 and all(b > a for a, b in zip([0, *counts], counts))
+    assert counts[0] < 64 / 8 < 64 - counts[-2]  # few tokens first, many at the end (cosine)
+    assert reveal_counts(5, 5) == [1, 2, 3, 4, 5]

@@ -2,9 +2,10 @@
 
 from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.generators.baselines import AR, DiT
+from nestar_plugins.generators.mar import MAR
 from nestar_plugins.generators.nestar import NestAR
 
 
 @hookimpl
 def nestar_register_generators():
-    return {"nestar": NestAR, "ar": AR, "dit": DiT}
+    return {"nestar": NestAR, "ar": AR, "dit": DiT, "mar": MAR}
