@@ -46,14 +46,27 @@ class ImageSplit:
 
 
 class Dataset(Plugin, ABC):
-    """Images with integer class labels, split into ``train`` and ``test``. Constructor: ``(params)``."""
+    """Images with integer class labels, split into ``train`` and ``test``. Constructor: ``(params)``.
+
+    ``num_classes`` and ``image_shape`` must be known without loading the data (configs
+    validate before work); :meth:`load_splits` runs on first use of :meth:`split`.
+    """
 
     num_classes: int
-    image_shape: tuple[int, int, int]  # (C, H, W), known without loading the data
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
+
+    def split(self, name: str) -> ImageSplit:
+        """The ``train`` or ``test`` split (loaded once)."""
+        if name not in self.SPLITS:
+            raise ValueError(f"{type(self).__name__} has splits {', '.join(self.SPLITS)}; not {name!r}")
+        if getattr(self, "_splits", None) is None:
+            self._splits = self.load_splits()
+        return self._splits[name]
 
     @abstractmethod
-    def split(self, name: str) -> ImageSplit:
-        """The ``train`` or ``test`` split."""
+    def load_splits(self) -> dict[str, ImageSplit]:
+        """Every split, keyed by name."""
 
 
 # ----------------------------------------------------------------------------- tokens

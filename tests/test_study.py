@@ -52,6 +52,7 @@ def test_three_trials_complete_and_each_is_a_run(tmp_path, tiny_raw):
     assert len(results.load(spec.study_dir)) == 3
     assert main(["study", "report", str(spec.source)]) == 0
     assert (spec.study_dir / "report" / "trials.csv").is_file()
+    assert (spec.study_dir / "report" / "disagreement.png").is_file()  # disagree_m logged per trial
     # running again continues the same study instead of starting over
     assert len(run_study(spec, trials=4).trials) == 4
 

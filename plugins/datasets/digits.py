@@ -18,18 +18,7 @@ class Digits(Dataset):
         test_fraction: float = Field(0.2, gt=0, lt=1)
         split_seed: int = 0
 
-    def __init__(self, params=None):
-        super().__init__(params)
-        self._splits: dict[str, ImageSplit] | None = None
-
-    def split(self, name: str) -> ImageSplit:
-        if name not in ("train", "test"):
-            raise ValueError(f"digits has splits 'train' and 'test', not {name!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[name]
-
-    def _load(self) -> dict[str, ImageSplit]:
+    def load_splits(self) -> dict[str, ImageSplit]:
         from sklearn.datasets import load_digits
 
         data = load_digits()

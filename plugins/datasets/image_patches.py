@@ -59,16 +59,8 @@ class ImagePatches(Dataset):
         super().__init__(params)
         self.num_classes = len(self.params.photos)
         self.image_shape = (3, self.params.crop_size, self.params.crop_size)
-        self._splits: dict[str, ImageSplit] | None = None
 
-    def split(self, name: str) -> ImageSplit:
-        if name not in ("train", "test"):
-            raise ValueError(f"image_patches has splits 'train' and 'test', not {name!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[name]
-
-    def _load(self) -> dict[str, ImageSplit]:
+    def load_splits(self) -> dict[str, ImageSplit]:
         p = self.params
         gen = torch.Generator().manual_seed(p.seed)
         out = {"train": ([], []), "test": ([], [])}

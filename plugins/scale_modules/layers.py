@@ -100,15 +100,14 @@ class AdaLNResBlock(nn.Module):
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
 
-class FlowHead(nn.Module):
-    """Per-token MLP velocity head, AdaLN-conditioned on time and the transformer's output."""
+class _HeadBase(nn.Module):
+    """What the velocity heads share: token, context and time embeddings in, AdaLN-zero out."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+    def __init__(self, token_dim: int, cond_dim: int, width: int):
         super().__init__()
         self.inp = nn.Linear(token_dim, width)
         self.cond = nn.Linear(cond_dim, width)
         self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
@@ -116,14 +115,28 @@ class FlowHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
+    def embed(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor) -> tuple[Tensor, Tensor]:
+        """Token features and per-token conditioning (context + time)."""
         c = self.cond(cond_BLD) + self.time(timestep_features(t_BL).to(cond_BLD.dtype))
-        x = self.inp(y_BLd)
-        for block in self.blocks:
-            x = block(x, c)
+        return self.inp(y_BLd), c
+
+    def output(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.ada(c).chunk(2, dim=-1)
         return self.out(_modulate(self.norm(x), shift, scale))
 
+
+class FlowHead(_HeadBase):
+    """Per-token MLP velocity head, AdaLN-conditioned on time and the transformer's output."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__(token_dim, cond_dim, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+
+    def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
+        x, c = self.embed(y_BLd, t_BL, cond_BLD)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.output(x, c)
 
 class AdaLNAttnBlock(nn.Module):
     """DiT-style block: attention and MLP, each shifted, scaled and gated by the conditioning."""
@@ -144,32 +157,21 @@ class AdaLNAttnBlock(nn.Module):
         return x + g2 * self.mlp(_modulate(self.norm2(x), b2, s2))
 
 
-class JointHead(nn.Module):
+class JointHead(_HeadBase):
     """Velocity head over the tokens of a patch together: a small transformer whose tokens attend
     within their patch, AdaLN-conditioned per token on time and the context transformer's output."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, heads: int):
-        super().__init__()
-        self.inp = nn.Linear(token_dim, width)
-        self.cond = nn.Linear(cond_dim, width)
-        self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        super().__init__(token_dim, cond_dim, width)
         self.blocks = nn.ModuleList(AdaLNAttnBlock(width, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, token_dim)
-        for layer in (self.ada[1], self.out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, y_BLd: Tensor, t_BL: Tensor, cond_BLD: Tensor, groups_L: Tensor | None = None) -> Tensor:
-        c = self.cond(cond_BLD) + self.time(timestep_features(t_BL).to(cond_BLD.dtype))
-        x = self.inp(y_BLd)
+        x, c = self.embed(y_BLd, t_BL, cond_BLD)
         shape = torch.broadcast_shapes(x.shape, c.shape)
         L, W = shape[-2], shape[-1]
         x, c = x.expand(shape).reshape(-1, L, W), c.expand(shape).reshape(-1, L, W)
         mask = None if groups_L is None else groups_L[:, None] == groups_L[None, :]
         for block in self.blocks:
             x = block(x, c, mask)
-        shift, scale = self.ada(c).chunk(2, dim=-1)
-        out = self.out(_modulate(self.norm(x), shift, scale))
+        out = self.output(x, c)
         return out.reshape(*shape[:-1], out.shape[-1])
