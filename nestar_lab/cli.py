@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {line}", file=sys.stderr)
         return 2
     except (PluginError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

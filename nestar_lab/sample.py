@@ -36,14 +36,14 @@ def sample_tokens(
     """Generate tokens ``(B, n, d)`` for ``labels``; returns them and the NFE per image."""
     device = labels_B.device
     B, n = labels_B.shape[0], gen.schedule.num_tokens
-    null = gen.net(0).spec.num_classes
+    guided = cfg.cfg_scale != 1.0  # cond and uncond rows share one batch
+    labels_in = with_null_labels(labels_B, gen.net(0).spec.num_classes) if guided else labels_B
     tokens = torch.zeros(B, n, token_dim, device=device)
     nfe, done = 0, 0
     for i, stage in enumerate(gen.schedule.stages):
         net = gen.net(i)
+        head = autocast_head(net.velocity, autocast)
         src_all, tgt_all = stage.src_idx.to(device), stage.tgt_idx.to(device)
-        guided = cfg.cfg_scale != 1.0  # cond and uncond rows share one batch
-        labels_in = torch.cat([labels_B, torch.full_like(labels_B, null)]) if guided else labels_B
         with autocast():
             cache = net.start_cache(labels_in, stage=i)
         for s in range(stage.num_steps):
@@ -56,7 +56,6 @@ def sample_tokens(
             w = cfg_scale_at(cfg, done, n)
             if guided and w == 1.0:
                 cond = cond[:B]
-            head = _autocast_head(net.velocity, autocast)
             x0 = cfg.temperature * torch.randn(B, len(rows), token_dim, generator=rng, device=device)
             result = solver.integrate(guided_velocity(head, cond, w), x0)
             tokens[:, rows.tgt_idx] = result.y1.to(tokens.dtype)
@@ -64,7 +63,14 @@ def sample_tokens(
     return tokens, nfe
 
 
-def _autocast_head(head, autocast):
+def with_null_labels(labels_B: Tensor, null: int) -> Tensor:
+    """``(2B,)`` labels: the conditional ones, then the null label for the unconditional half."""
+    return torch.cat([labels_B, torch.full_like(labels_B, null)])
+
+
+def autocast_head(head, autocast):
+    """A velocity head run under the sampler's precision (the ODE state itself stays fp32)."""
+
     def run(y, t, cond):
         with autocast():
             return head(y, t, cond)

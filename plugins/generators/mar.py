@@ -13,7 +13,7 @@ from nestar_lab.flow import guided_velocity, path_sample, sample_times
 from nestar_lab.generator import Generator, gather_inputs
 from nestar_lab.interfaces import Params, Rows
 from nestar_lab.losses import LossOutput
-from nestar_lab.sample import cfg_scale_at
+from nestar_lab.sample import autocast_head, cfg_scale_at, with_null_labels
 from nestar_lab.schedule import Schedule, Stage
 
 
@@ -85,7 +85,8 @@ class MAR(Generator):
         B, n = labels_B.shape[0], self.schedule.num_tokens
         net = self.net(0)
         guided = cfg.cfg_scale != 1.0
-        labels_in = torch.cat([labels_B, torch.full_like(labels_B, net.spec.num_classes)]) if guided else labels_B
+        labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
+        head = autocast_head(net.velocity, autocast)
         order = torch.randperm(n, generator=rng, device=device)
         tokens = torch.zeros(B, n, token_dim, device=device)
         known = torch.zeros(n, dtype=torch.bool, device=device)
@@ -99,10 +100,6 @@ class MAR(Generator):
             w = cfg_scale_at(cfg, count, n)
             if guided and w == 1.0:
                 cond = cond[:B]
-
-            def head(y, t, c):
-                with autocast():
-                    return net.velocity(y, t, c)
 
             x0 = cfg.temperature * torch.randn(B, len(new), token_dim, generator=rng, device=device)
             result = solver.integrate(guided_velocity(head, cond, w), x0)
