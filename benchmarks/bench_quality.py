@@ -5,7 +5,7 @@ budget and evaluated with the quickstart's metrics through the library (``nestar
 path); rows go to ``runs/bench_quality/results.csv`` and a markdown table into
 docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/bench_quality.py [--steps 600] [--samples-per-class 50]
+    .venv/bin/python benchmarks/bench_quality.py [--steps 600] [--samples-per-class 50] [--variants "AR,MAR"]
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--samples-per-class", type=int, default=50)
     ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--variants", default="", help="comma-separated label prefixes (default: all)")
     args = ap.parse_args()
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     for label, overrides in plans().items():
+        if wanted and not any(label.startswith(w) for w in wanted):
+            continue
         slug = label.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "")
         cfg = load_config(CONFIG, overrides + [
             f"train.steps={args.steps}", f"eval.samples_per_class={args.samples_per_class}",
@@ -46,6 +50,7 @@ def main() -> None:
         row = evaluate(load_trained(run_dir), run_dir)
         print(label, {k: row.get(k) for k in METRICS}, flush=True)
     df = results.load(OUT).drop_duplicates("run_id", keep="last")
+    df = df[df["train.steps"] == args.steps]
     table = df[["run_id", *[m for m in METRICS if m in df.columns]]]
     cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
