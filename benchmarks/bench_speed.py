@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nestar_lab.config import load_config
+from nestar_lab.data import train_batches
 from nestar_lab.evaluate import make_sampler
 from nestar_lab.experiment import build_experiment, use_bf16
 from nestar_lab.train import make_optimizer, train_step
@@ -42,12 +43,11 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 def measure(overrides: list[str], args) -> dict:
     cfg = load_config(CONFIG, overrides + [f"device={args.device}"])
     exp = build_experiment(cfg)
-    split = exp.dataset.split("train")
-    images, labels = split.images.to(exp.device), split.labels.to(exp.device)
+    batches = train_batches(exp, 0)  # the training loop's own batches, step 0, 1, ...
     opt, ema = make_optimizer(exp)
     exp.generator.train()
     step = iter(range(10**9))
-    train_s = median_time(lambda: train_step(exp, opt, ema, images, labels, next(step)), args.train_steps, warmup=5)
+    train_s = median_time(lambda: train_step(exp, opt, ema, *next(batches), next(step)), args.train_steps, warmup=5)
     exp.generator.eval()
     sampler = make_sampler(exp)
     sample_labels = torch.arange(args.images) % exp.dataset.num_classes

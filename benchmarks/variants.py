@@ -20,6 +20,7 @@ VARIANTS = {  # label -> overrides on the quickstart config; widths of the other
         "generator.name=dit", "generator.params={}", "scale_module.params.head=joint",
         "ode_solver.params.steps=50",
     ],
+    "VAR (1,2,4,8)": ["generator.name=var", "generator.params={}", "coordination.name=none", "coordination.params={}"],
 }  # fmt: skip
 BASELINES = ("MAR (S=16)", "DiT (joint head, 50 steps)", "AR (raster)")
 MATCH_TO = "NestAR k=4 (M=3)"

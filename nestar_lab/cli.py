@@ -1,6 +1,8 @@
 """The ``nestar`` command: thin wrappers around the library.
 
     nestar train CONFIG [--set KEY=VALUE ...] [--run-dir DIR]   |   nestar train --resume RUN_DIR
+    nestar train CONFIG --distributed N    (or: torchrun --nproc_per_node=N -m nestar_lab.cli train CONFIG)
+    nestar cache-latents CONFIG        encode the train split once into data.latent_cache
     nestar sample RUN_DIR [--num N] [--out FILE.png] [--seed S] [--set sample.cfg_scale=3]
     nestar run CONFIG [--set ...]      train, sample, evaluate (metrics.json, samples.png)
     nestar eval RUN_DIR                evaluate a trained run again
@@ -34,7 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="experiment YAML")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--run-dir", help="where to put the run (default: output_dir/name-time)")
+    t.add_argument("--distributed", type=int, metavar="N", default=None,
+                   help="launch N processes with torchrun on this machine (DDP; one per GPU)")  # fmt: skip
     add_set(t)
+
+    c = sub.add_parser("cache-latents", help="encode the train split once into data.latent_cache (resumable)")
+    c.add_argument("config")
+    add_set(c)
 
     r = sub.add_parser("run", help="train, then sample and evaluate")
     r.add_argument("config")
@@ -84,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -117,6 +126,8 @@ def cmd_train(args) -> int:
     if bool(args.config) == bool(args.resume):
         print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
         return 2
+    if args.distributed:
+        return _relaunch_with_torchrun(args)
     try:
         if args.resume:
             result = train(_run_cfg(args.resume, args.overrides), args.resume, resume=True)
@@ -125,7 +136,48 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step): {result.run_dir}")
+    from nestar_lab.distributed import current
+
+    if current().is_main:
+        print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step): {result.run_dir}")
+    return 0
+
+
+def _relaunch_with_torchrun(args) -> int:
+    """``nestar train --distributed N``: the same command under torchrun with N processes."""
+    import subprocess
+
+    from nestar_lab.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        print("error: --distributed N is for launching; under torchrun give the plain command", file=sys.stderr)
+        return 2
+    if args.config:  # validate before starting N processes
+        _cfg_from(args.config, args.overrides)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.distributed}",
+              "-m", "nestar_lab.cli", *_without_distributed(args.argv)]  # fmt: skip
+    return subprocess.call(launch)
+
+
+def _without_distributed(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--distributed":
+            skip = True
+        elif not a.startswith("--distributed="):
+            out.append(a)
+    return out
+
+
+def cmd_cache_latents(args) -> int:
+    from nestar_lab.experiment import build_experiment
+    from nestar_lab.latent_cache import build_cache
+
+    cfg = _cfg_from(args.config, args.overrides)
+    root = build_cache(build_experiment(cfg), progress=sys.stderr.isatty())
+    print(f"latent cache ready: {root} (train with data.latent_cache={root})")
     return 0
 
 
@@ -153,7 +205,11 @@ def cmd_eval(args) -> int:
 def _evaluate_and_print(exp, run_dir) -> int:
     from nestar_lab.evaluate import evaluate
 
+    from nestar_lab.distributed import current
+
     row = evaluate(exp, run_dir)
+    if not current().is_main:
+        return 0
     print(json.dumps(row, indent=2))
     print(f"metrics: {Path(run_dir) / 'metrics.json'}   samples: {Path(run_dir) / 'samples.png'}")
     return 0
@@ -240,6 +296,7 @@ def cmd_plugins(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "cache-latents": cmd_cache_latents,
     "run": cmd_run,
     "sample": cmd_sample,
     "eval": cmd_eval,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nestar_lab.flow import FlowConfig
 from nestar_lab.registry import PluginError, get_registry
@@ -69,6 +69,34 @@ class EvalConfig(Strict):
     seed: int = 1234
 
 
+class DataConfig(Strict):
+    """Where training batches come from (``nestar_lab/data.py``) and how the latent cache is made."""
+
+    source: Literal["auto", "memory", "stream", "latent_cache"] = Field(
+        "auto", description="auto: latent_cache when one is set, memory for in-memory datasets, else stream"
+    )
+    latent_cache: str | None = Field(None, description="directory of `nestar cache-latents` output")
+    hflip: bool = Field(False, description="random horizontal flips (cached as a second view)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for streamed data")
+    shard_size: int = Field(10000, ge=1, description="items per latent-cache shard")
+    cache_batch_size: int = Field(64, ge=1, description="images per tokenizer call when caching")
+
+    @model_validator(mode="after")
+    def _cache_needs_a_path(self):
+        if self.source == "latent_cache" and not self.latent_cache:
+            raise ValueError("source 'latent_cache' needs data.latent_cache=PATH")
+        return self
+
+
+class DistributedConfig(Strict):
+    """torch.distributed settings (used when launched by torchrun or with ``--distributed``)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+    find_unused_parameters: bool | None = Field(
+        None, description="DDP option; None: on only for progressive module training"
+    )
+
+
 COMPONENT_KINDS = {
     "dataset": "dataset",
     "tokenizer": "tokenizer",
@@ -98,6 +126,8 @@ class ExperimentConfig(Strict):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    data: DataConfig = DataConfig()
+    distributed: DistributedConfig = DistributedConfig()
     metrics: list[ComponentSpec] = Field(default_factory=list)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from nestar_lab.experiment import Experiment
-from nestar_lab.interfaces import EvalContext, Samples
+from nestar_lab import distributed
+from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.results import append_run
 from nestar_lab.rundir import write_json
 from nestar_lab.sample import Sampler
@@ -33,8 +34,11 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     and (``record``) append the run's row to the results store.
 
     A metric that fails does not lose the others: its error is recorded as ``error_<name>``.
+    Under torch.distributed the samples are drawn by every rank (its share of the labels) and
+    gathered on rank 0, which alone runs the metrics and writes; other ranks return ``{}``.
     """
     run_dir = Path(run_dir)
+    info = distributed.current()
     ctx = EvalContext(
         dataset=exp.dataset,
         sampler=make_sampler(exp),
@@ -45,6 +49,11 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
         samples_per_class=exp.cfg.eval.samples_per_class,
         seed=exp.cfg.eval.seed,
     )
+    if info.enabled:
+        labels = torch.arange(exp.dataset.num_classes).repeat_interleave(ctx.samples_per_class)
+        ctx._generated = sample_sharded(ctx.sampler, labels, ctx.seed, exp.device, info)
+        if not info.is_main:
+            return {}
     row: dict[str, Any] = {}
     for spec, metric in zip(exp.cfg.metrics, exp.metrics):
         try:
@@ -64,6 +73,23 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     if record:
         append_run(exp.cfg, run_dir, row, device=_device_name(exp.device))
     return row
+
+
+def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Samples:
+    """Every rank samples ``labels[rank::world]`` (seed + rank); the images are gathered in label
+    order on every rank. Seconds are the slowest rank's."""
+    mine = sampler(labels[info.rank :: info.world], seed + info.rank)
+    images = distributed.gather_cat(mine.images.to(device), info).cpu()
+    got = distributed.gather_cat(mine.labels.to(device), info).cpu()
+    order = torch.cat([torch.arange(len(labels))[r :: info.world] for r in range(info.world)])
+    images_in_order = torch.empty_like(images)
+    images_in_order[order] = images
+    labels_in_order = torch.empty_like(got)
+    labels_in_order[order] = got
+    seconds = torch.tensor([mine.stats.seconds], device=device)
+    torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    stats = SampleStats(len(labels), mine.stats.sequential_steps, mine.stats.nfe_per_image, float(seconds.item()))
+    return Samples(images=images_in_order, labels=labels_in_order, stats=stats)
 
 
 def _device_name(device) -> str:

@@ -46,6 +46,10 @@ class Generator(Plugin, nn.Module, ABC):
 
         return training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options)
 
+    def forward(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
+        """Training losses (:meth:`training_losses`): the call DDP wraps."""
+        return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, **options)
+
     def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> tuple[Tensor, float]:
         """Tokens for ``labels`` and the NFE per image. Default: the schedule sampler
         (``sample.py``: KV cache, stages x steps); generators that re-encode override this."""

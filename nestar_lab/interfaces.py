@@ -54,6 +54,7 @@ class Dataset(Plugin, ABC):
 
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
+    in_memory: ClassVar[bool] = True  # False: training streams items() (data.source auto)
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
 
     def split(self, name: str) -> ImageSplit:
@@ -67,6 +68,15 @@ class Dataset(Plugin, ABC):
     @abstractmethod
     def load_splits(self) -> dict[str, ImageSplit]:
         """Every split, keyed by name."""
+
+    def items(self, name: str) -> torch.utils.data.Dataset:
+        """A map-style view of a split: ``ds[i] -> (image_CHW in [-1, 1], label)``.
+
+        Training and latent caching read through this, so a dataset too large for memory
+        (``image_folder``) overrides it to read files lazily; the default wraps :meth:`split`.
+        """
+        s = self.split(name)
+        return torch.utils.data.TensorDataset(s.images, s.labels)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -91,6 +101,18 @@ class Tokenizer(Plugin, nn.Module, ABC):
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in [-1, 1]."""
+
+    def encode_for_cache(self, images: Tensor) -> Tensor:
+        """What the latent cache stores per image (default: :meth:`encode`'s latents).
+
+        A VAE that samples its posterior in training stores the posterior's moments here and
+        draws from them in :meth:`latents_from_cache`, as MAR does with its cached moments.
+        """
+        return self.encode(images)
+
+    def latents_from_cache(self, cached: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latents ``(B, c, h, w)`` from what :meth:`encode_for_cache` stored (default: as is)."""
+        return cached
 
 
 class TokenOrder(Plugin, ABC):
@@ -148,12 +170,17 @@ class Rows:
 
     ``src_idx == -1`` marks a row fed by the learned start embedding. ``mask`` (``(L, L)`` bool,
     True = may attend) is given for teacher-forced passes and ``None`` for cached extension.
+    ``coords`` and ``stages`` are for rows that are not cells of the token grid (``var``'s
+    coarser scales); left ``None``, a module reads positions from ``spec.coords`` and the stage
+    from its ``stage`` argument.
     """
 
     src_idx: Tensor
     tgt_idx: Tensor
     mask: Tensor | None = None
     groups: Tensor | None = None  # (L,) patch id of each row; None: all rows are one patch
+    coords: Tensor | None = None  # (L, 2) float grid position of each row (may be fractional)
+    stages: Tensor | None = None  # (L,) long stage of each row, when one pass runs several stages
 
     def __len__(self) -> int:
         return int(self.tgt_idx.shape[0])

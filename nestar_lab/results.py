@@ -7,6 +7,7 @@ plugin name, ``generator.k`` its param), every metric, the device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,13 +68,30 @@ def append_run(cfg: ExperimentConfig, run_dir: str | Path, metrics: dict[str, An
     }
     path = results_path(cfg.output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([row])
-    if path.is_file():
-        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with _locked(path.with_name(path.name + ".lock")):  # study workers append concurrently
+        frame = pd.DataFrame([row])
+        if path.is_file():
+            frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(path)
     return path
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive advisory lock (``flock``) held for the block; a no-op where fcntl is absent."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: appends from concurrent processes are not serialised
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load(output_dir: str | Path | None = None) -> pd.DataFrame:

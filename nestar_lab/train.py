@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nestar_lab import distributed
 from nestar_lab.config import ExperimentConfig, TrainConfig
+from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_indices: public here too)
 from nestar_lab.experiment import Experiment, build_experiment
 from nestar_lab.rundir import load_checkpoint, new_run_dir, save_checkpoint, write_json
 
@@ -53,18 +55,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The random stream of one training step."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
-    """Indices of the batch at ``step``: seeded permutation per epoch, last partial batch dropped."""
-    batch_size = min(batch_size, num_items)
-    per_epoch = num_items // batch_size
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[k * batch_size : (k + 1) * batch_size]
+def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """The random stream of one training step on one rank."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + rank * 7_777_777_777)
 
 
 class EMA:
@@ -111,11 +104,14 @@ def train(
 
     ``stop_at_step`` interrupts after that many steps exactly as SIGINT would (for tests).
     ``callbacks(step, exp)`` run after every step (e.g. a study's pruning check); what they
-    raise ends training.
+    raise ends training. Under torchrun (or after :func:`distributed.init`) every rank runs
+    this function: DDP averages gradients, rank 0 alone writes the run directory.
     """
-    run_dir = Path(run_dir) if resume else new_run_dir(cfg, run_dir)
+    info = distributed.init(cfg.distributed.backend) if distributed.launched_by_torchrun() else distributed.current()
+    run_dir = _shared_run_dir(cfg, run_dir, resume, info)
     exp = build_experiment(cfg)
     gen, tc, device = exp.generator, cfg.train, exp.device
+    model = _wrap_ddp(exp, info)
     opt, ema = make_optimizer(exp)
     step = 0
     if resume:
@@ -126,13 +122,15 @@ def train(
         step = int(state["step"])
 
     def checkpoint():
-        save_checkpoint(
-            run_dir, {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow}
-        )
+        if info.is_main:
+            state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow}
+            save_checkpoint(run_dir, state)
 
-    split = exp.dataset.split("train")
-    images, labels = split.images.to(device), split.labels.to(device)
-    bar = _progress(tc.steps, step, progress)
+    batches = train_batches(exp, step, info.rank, info.world)
+    if info.is_main and info.enabled:
+        print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
+              f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
+    bar = _progress(tc.steps, step, progress and info.is_main)
     times: list[float] = []
     last: dict[str, float] = {}
     start = time.perf_counter()
@@ -140,31 +138,61 @@ def train(
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
-            out = train_step(exp, opt, ema, images, labels, step)
+            tokens, labels = next(batches)
+            out = train_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank)
             step += 1
             times.append(time.perf_counter() - t0)
             if step % tc.log_every == 0 or step == tc.steps:
                 last = {k: float(v.detach()) for k, v in out.parts.items()} | {"total": float(out.total.detach())}
                 bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
-                _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc))
+                if info.is_main:
+                    _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc))
             bar.update(1)
             for callback in callbacks:
                 callback(step, exp)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
-            if stop.requested or (stop_at_step is not None and step >= stop_at_step and step < tc.steps):
+            stopping = stop_at_step is not None and step >= stop_at_step and step < tc.steps
+            if distributed.any_flag(stop.requested or stopping, info, device):
                 checkpoint()
                 bar.close()
+                distributed.barrier(info)
                 raise TrainingInterrupted(run_dir, step)
     bar.close()
     seconds = time.perf_counter() - start
     warm = times[min(10, len(times) // 2) :] or times
     result = TrainResult(run_dir, step, seconds, 1000 * statistics.median(warm) if warm else 0.0, last)
-    write_json(
-        run_dir / "train_summary.json",
-        {"steps": step, "seconds": seconds, "step_ms_median": result.step_ms_median, "final_loss": last},
-    )
+    if info.is_main:
+        summary = {"steps": step, "seconds": seconds, "step_ms_median": result.step_ms_median, "final_loss": last,
+                   "world_size": info.world, "effective_batch_size": info.world * tc.batch_size}  # fmt: skip
+        write_json(run_dir / "train_summary.json", summary)
+    distributed.barrier(info)
     return result
+
+
+def _shared_run_dir(cfg: ExperimentConfig, run_dir, resume: bool, info: distributed.DistInfo) -> Path:
+    """The run directory: made by rank 0 (a new one unless resuming), then told to every rank."""
+    if resume:
+        return Path(run_dir)
+    path = [str(new_run_dir(cfg, run_dir))] if info.is_main else [None]
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
+def _wrap_ddp(exp: Experiment, info: distributed.DistInfo):
+    """The module training calls: the generator, wrapped in DDP when distributed."""
+    if not info.enabled:
+        return exp.generator
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    unused = exp.cfg.distributed.find_unused_parameters
+    if unused is None:
+        unused = exp.cfg.train.module_schedule == "progressive"
+    ids = [exp.device.index if exp.device.index is not None else info.local_rank] if exp.device.type == "cuda" else None
+    return DDP(exp.generator, device_ids=ids, find_unused_parameters=unused)
 
 
 def active_stages(step: int, num_stages: int, cfg: TrainConfig) -> set[int] | None:
@@ -176,24 +204,23 @@ def active_stages(step: int, num_stages: int, cfg: TrainConfig) -> set[int] | No
     return {step * num_stages // pretrain}
 
 
-def train_step(exp: Experiment, opt, ema: EMA, images: Tensor, labels: Tensor, step: int):
-    """One optimiser step at ``step``: batch, label dropout, losses, clip, AdamW, EMA.
+def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None, rank: int = 0):
+    """One optimiser step at ``step`` on a batch of tokens: label dropout, losses (one forward
+    pass per module, through ``model``: the generator or its DDP wrapper), clip, AdamW, EMA.
 
     On logging steps the velocity disagreement of adjacent modules is measured too.
     """
     cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
-    rng = step_generator(cfg.seed, step, device)
-    idx = batch_indices(step, len(labels), tc.batch_size, cfg.seed).to(device)
-    with torch.no_grad():
-        tokens = exp.order.flatten(exp.tokenizer.encode(images[idx]))
-    y = labels[idx]
+    model = model if model is not None else exp.generator
+    rng = step_generator(cfg.seed, step, device, rank)
+    y = labels
     drop = torch.rand(y.shape, generator=rng, device=device) < tc.label_dropout
     y = torch.where(drop, torch.full_like(y, exp.dataset.num_classes), y)
     for group in opt.param_groups:
         group["lr"] = tc.lr * lr_factor(step, tc)
     stages = active_stages(step, len(exp.generator.schedule.stages), tc)
     with exp.autocast()():
-        out = exp.generator.training_losses(
+        out = model(
             tokens, y, cfg.flow, exp.coordination, rng,
             stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0,
         )  # fmt: skip

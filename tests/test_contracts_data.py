@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from nestar_lab.registry import get_registry
 
@@ -17,7 +18,10 @@ def make(kind, name, **kwargs):
 
 @pytest.mark.parametrize("name", reg.names("dataset"))
 def test_dataset_splits(name):
-    ds = make("dataset", name)
+    try:
+        ds = make("dataset", name)
+    except (ValidationError, FileNotFoundError) as e:  # e.g. image_folder needs a folder of files
+        pytest.skip(f"dataset {name} cannot be built from default params: {str(e).splitlines()[0]}")
     train, test = ds.split("train"), ds.split("test")
     for split in (train, test):
         assert split.images.shape[1:] == ds.image_shape
@@ -40,7 +44,10 @@ def test_digits_split_is_disjoint():
 
 @pytest.mark.parametrize("name", reg.names("tokenizer"))
 def test_tokenizer_round_trip(name):
-    tok = make("tokenizer", name, image_shape=(1, 8, 8))
+    try:
+        tok = make("tokenizer", name, image_shape=(1, 8, 8))
+    except ValidationError as e:  # e.g. kl16's weights path: tested in tests/test_kl16.py
+        pytest.skip(f"tokenizer {name} cannot be built from default params: {str(e).splitlines()[0]}")
     images = torch.rand(5, 1, 8, 8) * 2 - 1
     latents = tok.encode(images)
     assert tuple(latents.shape[1:]) == tok.latent_shape

@@ -2,9 +2,10 @@
 
 from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.datasets.digits import Digits
+from nestar_plugins.datasets.image_folder import ImageFolder
 from nestar_plugins.datasets.image_patches import ImagePatches
 
 
 @hookimpl
 def nestar_register_datasets():
-    return {"digits": Digits, "image_patches": ImagePatches}
+    return {"digits": Digits, "image_patches": ImagePatches, "image_folder": ImageFolder}

@@ -4,8 +4,9 @@ from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.generators.baselines import AR, DiT
 from nestar_plugins.generators.mar import MAR
 from nestar_plugins.generators.nestar import NestAR
+from nestar_plugins.generators.var import VAR
 
 
 @hookimpl
 def nestar_register_generators():
-    return {"nestar": NestAR, "ar": AR, "dit": DiT, "mar": MAR}
+    return {"nestar": NestAR, "ar": AR, "dit": DiT, "mar": MAR, "var": VAR}

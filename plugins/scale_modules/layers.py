@@ -12,7 +12,8 @@ from torch import Tensor, nn
 def sincos_2d(coords_n2: Tensor, dim: int) -> Tensor:
     """Fixed 2-D sine-cosine features of (row, col) coordinates: ``(n, dim)``."""
     quarter = dim // 4
-    freqs = torch.exp(-math.log(100.0) * torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    steps = torch.arange(quarter, dtype=torch.float32, device=coords_n2.device)
+    freqs = torch.exp(-math.log(100.0) * steps / max(quarter, 1))
     parts = []
     for axis in range(2):
         angles = coords_n2[:, axis : axis + 1].float() * freqs[None] * math.pi

@@ -65,11 +65,20 @@ class Transformer(ScaleModule):
         stage_vec = self.stage_emb.weight[stage]
         return self.label_emb(labels_B)[:, None, :] + self.prefix_pos[None] + stage_vec
 
+    def _positions(self, rows: Rows) -> tuple[Tensor, Tensor]:
+        """Position features of each row's feeding token and target: the grid cells of
+        ``src_idx``/``tgt_idx``, or ``rows.coords`` (one position for both) when given."""
+        if rows.coords is None:
+            return self.pos_table[rows.src_idx.clamp(min=0)], self.pos_table[rows.tgt_idx]
+        pos = sincos_2d(rows.coords, self.params.width).to(self.pos_table.dtype)
+        return pos, pos
+
     def _embed_rows(self, x_in_BLd: Tensor, rows: Rows) -> Tensor:
         is_start = (rows.src_idx < 0)[None, :, None]
-        src_pos = self.src_pos(self.pos_table[rows.src_idx.clamp(min=0)])
-        fed = self.token_in(x_in_BLd) + src_pos
-        return torch.where(is_start, self.start.to(fed.dtype), fed) + self.tgt_pos(self.pos_table[rows.tgt_idx])
+        src_pos, tgt_pos = self._positions(rows)
+        fed = self.token_in(x_in_BLd) + self.src_pos(src_pos)
+        x = torch.where(is_start, self.start.to(fed.dtype), fed) + self.tgt_pos(tgt_pos)
+        return x if rows.stages is None else x + self.stage_emb(rows.stages)
 
     def forward(self, x_in_BLd: Tensor, rows: Rows, labels_B: Tensor, stage: int) -> Tensor:
         P, L = self.params.prefix_tokens, len(rows)
