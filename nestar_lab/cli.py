@@ -10,6 +10,7 @@
     nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
     nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W]
     nestar study report STUDY
+    nestar describe CONFIG             tokens, modules, sequential steps, parameter counts
     nestar plugins                     every registered plugin: kind, name, provider
 """
 
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = st_sub.add_parser("report", help="best trials, trials x metrics table, plots")
     sp.add_argument("study")
     sp.add_argument("--storage", default=None)
+
+    d = sub.add_parser("describe", help="tokens, schedule, sequential steps and parameter counts of a config")
+    d.add_argument("config")
+    add_set(d)
 
     sub.add_parser("plugins", help="list registered plugins")
     return p
@@ -283,6 +288,25 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_describe(args) -> int:
+    from nestar_lab.experiment import build_experiment
+
+    cfg = _cfg_from(args.config, args.overrides)
+    exp = build_experiment(cfg.model_copy(update={"device": "cpu"}))
+    gen, n = exp.generator, exp.order.num_tokens
+    print(f"{cfg.name}: {n} tokens of dim {exp.tokenizer.latent_shape[0]} on a "
+          f"{exp.order.grid[0]}x{exp.order.grid[1]} grid ({cfg.tokenizer.name}, {cfg.token_order.name} order)")  # fmt: skip
+    print(f"generator {cfg.generator.name}: {len(gen.schedule.stages)} modules, "
+          f"{gen.schedule.sequential_steps} sequential steps")  # fmt: skip
+    for i, stage in enumerate(gen.schedule.stages):
+        shared = " (shared weights)" if len(gen.nets) == 1 and len(gen.schedule.stages) > 1 else ""
+        count = sum(p.numel() for p in gen.net(i).parameters())
+        print(f"  module {i + 1}: {stage.num_rows} tokens in {stage.num_steps} steps, {count / 1e6:.1f}M parameters{shared}")
+    total = sum(p.numel() for p in gen.parameters())
+    print(f"total: {total / 1e6:.1f}M trainable parameters (tokenizer not counted)")
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from nestar_lab.registry import get_registry
 
@@ -303,6 +327,7 @@ COMMANDS = {
     "table": cmd_table,
     "plot": cmd_plot,
     "study": cmd_study,
+    "describe": cmd_describe,
     "plugins": cmd_plugins,
 }
 

@@ -137,3 +137,21 @@ def test_mar_reveals_every_token_once_on_a_cosine_schedule():
     assert counts[-1] == 64 and all(b > a for a, b in zip([0, *counts], counts))
     assert counts[0] < 64 / 8 < 64 - counts[-2]  # few tokens first, many at the end (cosine)
     assert reveal_counts(5, 5) == [1, 2, 3, 4, 5]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_raw):
+    from nestar_lab.config import validate_config
+    from nestar_lab.experiment import build_experiment
+    from nestar_lab.flow import FlowConfig
+
+    grads = []
+    for recompute in (False, True):
+        raw = {**tiny_raw, "scale_module": {**tiny_raw["scale_module"]}}
+        raw["scale_module"]["params"] = {**raw["scale_module"]["params"], "grad_checkpointing": recompute}
+        exp = build_experiment(validate_config(raw))
+        split = exp.dataset.split("train")
+        tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:8]))
+        rng = torch.Generator().manual_seed(0)
+        exp.generator(tokens, split.labels[:8], FlowConfig(batch_mul=1), None, rng).total.backward()
+        grads.append([p.grad.clone() for p in exp.generator.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -30,6 +30,21 @@ class Uint8Images(TorchDataset):
         return self.images[i]
 
 
+class Uint8Items(TorchDataset):
+    """A dataset's lazily read items (``Dataset.items``) as uint8 images: reference sets too
+    large for memory (``image_folder``) stream through torch-fidelity once, then are cached."""
+
+    def __init__(self, items, limit: int | None = None):
+        self.items, self.n = items, len(items) if limit is None else min(limit, len(items))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.items[i][0]
+        return ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def _digest(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -75,19 +90,25 @@ class Fidelity(Metric):
         out = self._score(ctx, samples.images, reference, ref_key, name, weights, tag, rgb)
         if p.real_baseline:
             # the same numbers for real held-out images: what a perfect generator would score
-            held_out = ctx.dataset.split("train" if p.reference == "test" else "test").images
-            real = self._score(ctx, held_out[: samples.images.shape[0]], reference, ref_key, name, weights, tag, rgb)
+            other = "train" if p.reference == "test" else "test"
+            n = samples.images.shape[0]
+            if ctx.dataset.in_memory:
+                held_out = Uint8Images(ctx.dataset.split(other).images[:n], rgb)
+            else:
+                held_out = Uint8Items(ctx.dataset.items(other), limit=n)
+            real = self._score(ctx, held_out, reference, ref_key, name, weights, tag, rgb)
             out.update({f"{k}_real": v for k, v in real.items()})
         return out
 
     def _score(self, ctx, images, reference, ref_key, name, weights, tag, rgb) -> dict[str, float]:
         p = self.params
-        n_ref = len(reference) if isinstance(reference, Uint8Images) else None
-        subset = min(p.kid_subset_size, images.shape[0], n_ref or p.kid_subset_size)
+        n_ref = len(reference) if isinstance(reference, TorchDataset) else None
+        images = images if isinstance(images, TorchDataset) else Uint8Images(images, rgb)
+        subset = min(p.kid_subset_size, len(images), n_ref or p.kid_subset_size)
         import torch_fidelity
 
         raw = torch_fidelity.calculate_metrics(
-            input1=Uint8Images(images, rgb),
+            input1=images,
             input2=reference,
             cuda=ctx.device.type == "cuda",
             save_cpu_ram=True,
@@ -122,6 +143,10 @@ class Fidelity(Metric):
 
     def _reference(self, ctx: EvalContext, rgb: bool):
         ref = self.params.reference
+        if ref in ("train", "test") and not ctx.dataset.in_memory:
+            items = ctx.dataset.items(ref)
+            key = f"{ctx.dataset_name}-{ref}-{_digest(ctx.dataset.params.model_dump_json(), len(items))}"
+            return Uint8Items(items), key
         if ref in ("train", "test"):
             split = ctx.dataset.split(ref)
             key = f"{ctx.dataset_name}-{ref}-{_digest(split.images, split.labels)}"

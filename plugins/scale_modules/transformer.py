@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nestar_lab.interfaces import Params, Rows, ScaleModule
 from nestar_plugins.scale_modules.layers import Block, FlowHead, JointHead, LayerCache, sincos_2d
@@ -32,6 +33,7 @@ class Transformer(ScaleModule):
         head_width: int = Field(128, ge=8)
         head_depth: int = Field(3, ge=1)
         head_heads: int = Field(4, ge=1, description="attention heads of the joint head")
+        grad_checkpointing: bool = Field(False, description="recompute blocks in backward: less memory, ~30% more time")
 
         @model_validator(mode="after")
         def _heads_divide_width(self):
@@ -86,8 +88,9 @@ class Transformer(ScaleModule):
         mask = torch.zeros(P + L, P + L, dtype=torch.bool, device=x.device)
         mask[:, :P] = True
         mask[P:, P:] = rows.mask
+        recompute = self.params.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.norm(x[:, P:])
 
     def start_cache(self, labels_B: Tensor, stage: int) -> list[LayerCache]:
