@@ -2,12 +2,12 @@
 
 Every variant runs in this one process at a matched parameter count (the baselines' widths are
 chosen to be closest to NestAR k=4's), with the same tokenizer, data, solver and guidance:
-`ar` (token-by-token over raster order, KV cache) and `dit` (all tokens in one step, a joint
-velocity head, 50 ODE steps). Times are medians over repeats after warm-up; the table reports
-sampling speed-ups against both baselines measured in the same process. Writes a markdown table into docs/benchmarks.md between
-the markers of the section it belongs to.
+`ar`, `mar`, `dit`, `var` (see benchmarks/variants.py and docs/baselines.md). Times are medians
+over repeats after warm-up; the table reports sampling speed-ups against MAR, DiT and AR measured
+in the same process. ``--tokens 256`` runs the paper's token count on 16x16 image_patches.
+Writes a markdown table into docs/benchmarks.md between the markers of its section.
 
-    .venv/bin/python benchmarks/bench_speed.py [--train-steps 20] [--repeats 3] [--images 100]
+    .venv/bin/python benchmarks/bench_speed.py [--tokens 64|256] [--train-steps 20] [--repeats 3] [--images 100]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from nestar_lab.data import train_batches
 from nestar_lab.evaluate import make_sampler
 from nestar_lab.experiment import build_experiment, use_bf16
 from nestar_lab.train import make_optimizer, train_step
-from variants import BASELINES, CONFIG, plans, write_section
+from variants import CONFIG, baselines, plans, write_section
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -76,28 +76,33 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--tokens", type=int, choices=[64, 256], default=64, help="64: digits; 256: 16x16 image_patches")
     args = ap.parse_args()
-    rows = {label: measure(ov, args) for label, ov in plans().items()}
-    base = rows[BASELINES[0]]
+    rows = {}
+    for label, ov in plans(args.tokens).items():
+        rows[label] = measure(ov, args)
+        print(label, {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[label].items()}, flush=True)
+    bases = baselines(args.tokens)
+    base = rows[bases[0]]
     dev = base["device"]
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
-        f"Device: {name}; torch {torch.__version__}; bf16 autocast: {base['bf16']}; "
+        f"n = {args.tokens} tokens. Device: {name}; torch {torch.__version__}; bf16 autocast: {base['bf16']}; "
         f"batch {load_config(CONFIG).train.batch_size} for training, {args.images} images per sampling call.",
         "",
         "| variant | params | sequential steps | NFE / image | train step (ms, median) | sampling (img/s, median) | "
-        + " | ".join(f"speed-up vs {b.split(' ')[0]}" for b in BASELINES) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(BASELINES),
+        + " | ".join(f"speed-up vs {b.split(' ')[0]}" for b in bases) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(bases),
     ]
     for label, r in rows.items():
-        ratios = " | ".join(f"{r['img_per_s'] / rows[b]['img_per_s']:.2f}x" for b in BASELINES)
+        ratios = " | ".join(f"{r['img_per_s'] / rows[b]['img_per_s']:.2f}x" for b in bases)
         lines.append(
             f"| {label} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['nfe']:g} | {r['train_ms']:.0f} | "
             f"{r['img_per_s']:.1f} | {ratios} |"
         )
     table = "\n".join(lines)
     print(table)
-    write_section(Path(args.out), "speed", table)
+    write_section(Path(args.out), "speed" if args.tokens == 64 else f"speed{args.tokens}", table)
 
 
 if __name__ == "__main__":

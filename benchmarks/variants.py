@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from nestar_lab.config import load_config
 
 CONFIG = "studies/configs/quickstart.yaml"
-VARIANTS = {  # label -> overrides on the quickstart config; widths of the others matched below
-    "NestAR k=4 (M=3)": ["generator.params.k=4"],
-    "NestAR k=8 (M=2)": ["generator.params.k=8"],
-    "NestAR k=4, joint head": ["generator.params.k=4", "scale_module.params.head=joint"],
-    "AR (raster)": ["generator.name=ar", "generator.params={}", "token_order.name=raster"],
-    "MAR (S=16)": [
-        "generator.name=mar", "generator.params={steps: 16}", "token_order.name=raster",
-        "sample.cfg_schedule=linear", "coordination.name=none", "coordination.params={}",
-    ],
-    "DiT (joint head, 50 steps)": [
-        "generator.name=dit", "generator.params={}", "scale_module.params.head=joint",
-        "ode_solver.params.steps=50",
-    ],
-    "VAR (1,2,4,8)": ["generator.name=var", "generator.params={}", "coordination.name=none", "coordination.params={}"],
-}  # fmt: skip
-BASELINES = ("MAR (S=16)", "DiT (joint head, 50 steps)", "AR (raster)")
-MATCH_TO = "NestAR k=4 (M=3)"
+SIZES = {  # token count -> overrides on the quickstart config giving that many tokens
+    64: [],  # the 8x8 digits, one pixel per token
+    256: ["dataset.name=image_patches", "dataset.params={}"],  # 16x16 RGB crops: the paper's n
+}
+MATCH_TO = "NestAR k=4"  # every other variant's width is matched to this one's parameter count
+
+
+def variants(tokens: int = 64) -> dict[str, list[str]]:
+    """label -> overrides for ``tokens`` tokens. MAR takes n/4 steps (its default 64 at n = 256)."""
+    side = math.isqrt(tokens)
+    big_k = {64: 8, 256: 16}[tokens]
+    scales = ",".join(str(2**i) for i in range(int(math.log2(side)) + 1))
+    table = {
+        MATCH_TO: ["generator.params.k=4"],
+        f"NestAR k={big_k}": [f"generator.params.k={big_k}"],
+        "NestAR k=4, joint head": ["generator.params.k=4", "scale_module.params.head=joint"],
+        "AR (raster)": ["generator.name=ar", "generator.params={}", "token_order.name=raster"],
+        f"MAR (S={tokens // 4})": [
+            "generator.name=mar", f"generator.params={{steps: {tokens // 4}}}", "token_order.name=raster",
+            "sample.cfg_schedule=linear", "coordination.name=none", "coordination.params={}",
+        ],
+        "DiT (joint head, 50 steps)": [
+            "generator.name=dit", "generator.params={}", "scale_module.params.head=joint",
+            "ode_solver.params.steps=50",
+        ],
+        f"VAR ({scales})": ["generator.name=var", "generator.params={}", "coordination.name=none", "coordination.params={}"],
+    }  # fmt: skip
+    return {label: SIZES[tokens] + ov for label, ov in table.items()}
+
+
+def baselines(tokens: int = 64) -> tuple[str, ...]:
+    """The labels speed-ups are computed against: MAR, DiT, AR."""
+    return (f"MAR (S={tokens // 4})", "DiT (joint head, 50 steps)", "AR (raster)")
 
 
 def count_params(overrides: list[str]) -> int:
@@ -46,10 +63,11 @@ def matched(overrides: list[str], target: int) -> list[str]:
     return best[0]
 
 
-def plans() -> dict[str, list[str]]:
+def plans(tokens: int = 64) -> dict[str, list[str]]:
     """Every variant's overrides, widths matched to ``MATCH_TO``'s parameter count."""
-    target = count_params(VARIANTS[MATCH_TO])
-    return {label: (ov if label == MATCH_TO else matched(ov, target)) for label, ov in VARIANTS.items()}
+    table = variants(tokens)
+    target = count_params(table[MATCH_TO])
+    return {label: (ov if label == MATCH_TO else matched(ov, target)) for label, ov in table.items()}
 
 
 def write_section(path: Path, key: str, body: str) -> None:

@@ -57,7 +57,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.append(k, v)
-        if mask is not None:
+        if mask is not None and not isinstance(mask, Tensor):  # a FlexAttention BlockMask
+            from nestar_plugins.scale_modules.flex import flex_attend
+
+            out = flex_attend(q, k, v, mask)
+        elif mask is not None:
             # an additive float mask: on the CPU SDPA's backward with a boolean mask is slow
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

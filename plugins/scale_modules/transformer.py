@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nestar_lab.interfaces import Params, Rows, ScaleModule
+from nestar_plugins.scale_modules.flex import BlockMasks, use_flex
 from nestar_plugins.scale_modules.layers import Block, FlowHead, JointHead, LayerCache, sincos_2d
 
 
@@ -33,6 +34,9 @@ class Transformer(ScaleModule):
         head_width: int = Field(128, ge=8)
         head_depth: int = Field(3, ge=1)
         head_heads: int = Field(4, ge=1, description="attention heads of the joint head")
+        attention: Literal["auto", "sdpa", "flex"] = Field(
+            "auto", description="training-pass attention: auto = FlexAttention block masks on CUDA, else SDPA"
+        )
         grad_checkpointing: bool = Field(False, description="recompute blocks in backward: less memory, ~30% more time")
 
         @model_validator(mode="after")
@@ -62,6 +66,7 @@ class Transformer(ScaleModule):
             self.head = FlowHead(spec.token_dim, D, p.head_width, p.head_depth)
         for emb in (self.label_emb, self.stage_emb):
             nn.init.normal_(emb.weight, std=0.02)
+        self._block_masks = BlockMasks()
 
     def _prefix(self, labels_B: Tensor, stage: int) -> Tensor:
         stage_vec = self.stage_emb.weight[stage]
@@ -88,6 +93,8 @@ class Transformer(ScaleModule):
         mask = torch.zeros(P + L, P + L, dtype=torch.bool, device=x.device)
         mask[:, :P] = True
         mask[P:, P:] = rows.mask
+        if use_flex(self.params.attention, x.device):
+            mask = self._block_masks.get(rows, mask)
         recompute = self.params.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
