@@ -5,7 +5,7 @@ budget and evaluated with the quickstart's metrics through the library (``nestar
 path); rows go to ``runs/bench_quality/results.csv`` and a markdown table into
 docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/bench_quality.py [--steps 600] [--samples-per-class 50] [--variants "AR,MAR"]
+    .venv/bin/python benchmarks/bench_quality.py [--steps 600] [--samples-per-class 50] [--variants "NestAR k=4,AR,MAR,DiT,VAR"]
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--samples-per-class", type=int, default=50)
     ap.add_argument("--out", default="docs/benchmarks.md")
-    ap.add_argument("--variants", default="", help="comma-separated label prefixes (default: all)")
+    ap.add_argument("--variants", default="", help='comma-separated labels, or their part before " (" (default: all)')
     args = ap.parse_args()
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     for label, overrides in plans().items():
-        if wanted and not any(label.startswith(w) for w in wanted):
+        if wanted and not any(label == w or label.startswith(w + " (") for w in wanted):
             continue
         slug = label.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "")
         cfg = load_config(CONFIG, overrides + [

@@ -139,20 +139,25 @@ def test_mar_reveals_every_token_once_on_a_cosine_schedule():
     assert reveal_counts(5, 5) == [1, 2, 3, 4, 5]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_raw):
+def _module_loss(tiny_raw, num: int, **module_params):
+    """The training loss of a fresh tiny NestAR whose scale module gets ``module_params``."""
     from nestar_lab.config import validate_config
     from nestar_lab.experiment import build_experiment
-    from nestar_lab.flow import FlowConfig
 
+    raw = {**tiny_raw, "scale_module": {**tiny_raw["scale_module"]}}
+    raw["scale_module"]["params"] = {**raw["scale_module"]["params"], **module_params}
+    exp = build_experiment(validate_config(raw))
+    split = exp.dataset.split("train")
+    tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:num]))
+    rng = torch.Generator().manual_seed(0)
+    return exp, exp.generator(tokens, split.labels[:num], FlowConfig(batch_mul=1), None, rng).total
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_raw):
     grads = []
     for recompute in (False, True):
-        raw = {**tiny_raw, "scale_module": {**tiny_raw["scale_module"]}}
-        raw["scale_module"]["params"] = {**raw["scale_module"]["params"], "grad_checkpointing": recompute}
-        exp = build_experiment(validate_config(raw))
-        split = exp.dataset.split("train")
-        tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:8]))
-        rng = torch.Generator().manual_seed(0)
-        exp.generator(tokens, split.labels[:8], FlowConfig(batch_mul=1), None, rng).total.backward()
+        exp, loss = _module_loss(tiny_raw, 8, grad_checkpointing=recompute)
+        loss.backward()
         grads.append([p.grad.clone() for p in exp.generator.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
@@ -162,21 +167,13 @@ def test_flex_attention_block_masks_match_sdpa(tiny_raw):
     here in eager mode on the CPU."""
     import warnings
 
-    from nestar_lab.config import validate_config
-    from nestar_lab.experiment import build_experiment
     from nestar_plugins.scale_modules.flex import flex_available
 
     if not flex_available():
         pytest.skip("this torch has no FlexAttention")
     outs = []
     for attention in ("sdpa", "flex"):
-        raw = {**tiny_raw, "scale_module": {**tiny_raw["scale_module"]}}
-        raw["scale_module"]["params"] = {**raw["scale_module"]["params"], "attention": attention}
-        exp = build_experiment(validate_config(raw))
-        split = exp.dataset.split("train")
-        tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:4]))
-        rng = torch.Generator().manual_seed(0)
         with warnings.catch_warnings(), torch.no_grad():  # FlexAttention has no CPU backward
             warnings.simplefilter("ignore")  # eager FlexAttention warns that it is not compiled
-            outs.append(exp.generator(tokens, split.labels[:4], FlowConfig(batch_mul=1), None, rng).total)
+            outs.append(_module_loss(tiny_raw, 4, attention=attention)[1])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
