@@ -87,6 +87,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     torch.manual_seed(cfg.seed)  # weight initialisation
     make_module = functools.partial(make, "scale_module", cfg.scale_module, spec=spec)
     generator = gen_cls(gen_params, num_tokens=order.num_tokens, make_module=make_module)
+    if cfg.train.compile:
+        for net in generator.nets:
+            net.compile_parts(cfg.train.compile_backend)
     return Experiment(
         cfg=cfg,
         device=device,

@@ -202,6 +202,11 @@ class ScaleModule(Plugin, nn.Module, ABC):
     def forward(self, x_in_BLd: Tensor, rows: Rows, labels_B: Tensor, stage: int) -> Tensor:
         """Teacher-forced pass over all rows with ``rows.mask``: conditioning ``(B, L, D)``."""
 
+    def compile_parts(self, backend: str = "inductor") -> None:
+        """``torch.compile`` what this module runs (``train.compile``); default: the whole module.
+        Modules whose sampling path bypasses ``forward`` compile their parts instead."""
+        self.compile(backend=backend)
+
     @abstractmethod
     def start_cache(self, labels_B: Tensor, stage: int) -> Any:
         """A key/value cache holding the label prefix, for sampling."""

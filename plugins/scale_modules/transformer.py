@@ -100,6 +100,13 @@ class Transformer(ScaleModule):
             x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.norm(x[:, P:])
 
+    def compile_parts(self, backend: str = "inductor") -> None:
+        """Compile the blocks and the velocity head: the training pass, the KV-cached extension
+        and every ODE step of sampling all run through them."""
+        for block in self.blocks:
+            block.compile(backend=backend)
+        self.head.compile(backend=backend)
+
     def start_cache(self, labels_B: Tensor, stage: int) -> list[LayerCache]:
         cache = [LayerCache() for _ in self.blocks]
         x = self._prefix(labels_B, stage)
