@@ -23,7 +23,7 @@ def variants(tokens: int = 64) -> dict[str, list[str]]:
     table = {
         MATCH_TO: ["generator.params.k=4"],
         f"NestAR k={big_k}": [f"generator.params.k={big_k}"],
-        "NestAR k=4, joint head": ["generator.params.k=4", "scale_module.params.head=joint"],
+        "NestAR k=4 joint head": ["generator.params.k=4", "scale_module.params.head=joint"],
         "AR (raster)": ["generator.name=ar", "generator.params={}", "token_order.name=raster"],
         f"MAR (S={tokens // 4})": [
             "generator.name=mar", f"generator.params={{steps: {tokens // 4}}}", "token_order.name=raster",
