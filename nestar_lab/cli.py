@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:  # under torchrun: leave the process group cleanly (gloo aborts a process exiting inside one)
+        from nestar_lab.distributed import shutdown
+
+        shutdown()
 
 
 def _cfg_from(path: str, overrides: list[str]):
