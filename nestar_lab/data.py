@@ -7,6 +7,9 @@ same batches as one that never stopped. Sources (``data.source`` in the config):
 - ``memory``: the train split held on the device, encoded per batch (small data, ``pixels``);
 - ``stream``: items read lazily through :meth:`Dataset.items` by a DataLoader (``image_folder``);
 - ``latent_cache``: latents encoded once by ``nestar cache-latents`` (the tokenizer is not run).
+
+Every source applies ``data.hflip``: memory and stream flip images before encoding, the cache
+stores both views and picks one per item.
 """
 
 from __future__ import annotations
@@ -65,10 +68,17 @@ def _memory_batches(exp: Experiment, step: int, rank: int, world: int):
     bs, seed = exp.cfg.train.batch_size, exp.cfg.seed
     while True:
         idx = batch_indices(step, len(labels), bs, seed, rank, world).to(exp.device)
-        with torch.no_grad():
-            tokens = exp.order.flatten(exp.tokenizer.encode(images[idx]))
-        yield tokens, labels[idx]
+        yield _encode(exp, images[idx], step, rank), labels[idx]
         step += 1
+
+
+def _encode(exp: Experiment, images: Tensor, step: int, rank: int) -> Tensor:
+    """Tokens of a batch of images, each flipped left-right with probability 1/2 when ``data.hflip``."""
+    if exp.cfg.data.hflip:
+        flip = torch.rand(len(images), generator=data_generator(exp.cfg.seed, step, rank)) < 0.5
+        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+    with torch.no_grad():
+        return exp.order.flatten(exp.tokenizer.encode(images))
 
 
 class _StepBatches(torch.utils.data.Sampler):
@@ -96,12 +106,7 @@ def _streamed_batches(exp: Experiment, step: int, rank: int, world: int):
     )
     for images, labels in loader:
         images, labels = images.to(exp.device, non_blocking=True), labels.to(exp.device, non_blocking=True)
-        if dc.hflip:
-            flip = torch.rand(len(labels), generator=data_generator(exp.cfg.seed, step, rank)) < 0.5
-            images = torch.where(flip.to(exp.device)[:, None, None, None], images.flip(-1), images)
-        with torch.no_grad():
-            tokens = exp.order.flatten(exp.tokenizer.encode(images))
-        yield tokens, labels
+        yield _encode(exp, images, step, rank), labels
         step += 1
 
 

@@ -81,10 +81,11 @@ class LatentCache:
         """Stored tensors ``(B, C', h, w)`` of items ``idx`` (view 0, or ``views[b]``) and labels."""
         idx_np = idx.numpy()
         view_np = np.zeros_like(idx_np) if views is None else views.numpy()
+        shard_of, row_of = np.divmod(idx_np, self.shard_size)
         out = np.empty((len(idx_np), *self.meta["stored_shape"]), dtype=np.float32)
-        for b, (i, v) in enumerate(zip(idx_np, view_np)):
-            shard, row = divmod(int(i), self.shard_size)
-            out[b] = self._shard(shard)[row, v]
+        for shard in np.unique(shard_of):  # one gather per shard, not per item
+            sel = shard_of == shard
+            out[sel] = self._shard(int(shard))[row_of[sel], view_np[sel]]
         return torch.from_numpy(out), self.labels[idx]
 
 

@@ -69,3 +69,12 @@ def test_training_from_the_cache_equals_training_from_memory(tiny_raw, tmp_path)
 def test_latent_cache_source_needs_a_path(tiny_raw):
     with pytest.raises(ConfigError, match="data.latent_cache"):
         _cfg(tiny_raw, source="latent_cache")
+
+
+def test_hflip_flips_about_half_the_batch_the_same_way_in_memory_and_stream(tiny_raw):
+    plain = build_experiment(_cfg(tiny_raw))
+    flipped, streamed = (build_experiment(_cfg(tiny_raw, hflip=True, source=s)) for s in ("memory", "stream"))
+    (t0, _), (t1, _), (t2, _) = (next(train_batches(e, 3)) for e in (plain, flipped, streamed))
+    assert torch.equal(t1, t2)
+    changed = (t0 != t1).flatten(1).any(1).float().mean()
+    assert 0.2 < changed < 0.8  # a symmetric digit may look unchanged, so not exactly half
