@@ -63,6 +63,12 @@ class SampleConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(256, ge=1)
 
+    def scale_at(self, tokens_done: int, num_tokens: int) -> float:
+        """Guidance for a step after which ``tokens_done`` tokens exist (linear: 1 -> cfg_scale)."""
+        if self.cfg_schedule == "constant":
+            return self.cfg_scale
+        return 1.0 + (self.cfg_scale - 1.0) * tokens_done / num_tokens
+
 
 class EvalConfig(Strict):
     """How many samples the metrics see and with which seed."""

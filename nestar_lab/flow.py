@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+
+from nestar_lab.interfaces import ODESolver, SolveResult
 
 
 class FlowConfig(BaseModel):
@@ -31,6 +34,10 @@ class PathSample:
     y_t: Tensor
     target: Tensor
 
+    def rows(self, idx: Tensor) -> PathSample:
+        """The sample restricted to rows ``idx`` of the row dimension (dim 2 of ``(mul, B, L, ...)``)."""
+        return PathSample(*(getattr(self, f)[:, :, idx] for f in ("x0", "x1", "t", "y_t", "target")))
+
 
 def sample_times(shape: tuple[int, ...], cfg: FlowConfig, rng: torch.Generator, device) -> Tensor:
     """Training times in (0, 1): uniform, or sigmoid of a normal (logit-normal)."""
@@ -44,6 +51,66 @@ def path_sample(x1: Tensor, x0: Tensor, t: Tensor) -> PathSample:
     """The interpolant and its velocity target."""
     tt = t.unsqueeze(-1)
     return PathSample(x0=x0, x1=x1, t=t, y_t=tt * x1 + (1 - tt) * x0, target=x1 - x0)
+
+
+def draw_path(
+    x1_BLd: Tensor, flow: FlowConfig, rng: torch.Generator, groups_L: Tensor | None, draws: int | None = None
+) -> PathSample:
+    """THE training draw of (noise, time) pairs, shared by every generator: ``draws``
+    (default ``flow.batch_mul``) draws per token, returned as ``(draws, B, L, d)``.
+
+    Train as you sample: with ``groups_L`` (the patch id of each row) every token of a patch
+    gets the patch's one time, as a joint head sees at sampling, where a patch is integrated
+    at one shared ``t``; ``None`` draws a time per token (per-token heads, which see one token
+    at a time, so per-token times only add variety). Noise is always per token.
+    """
+    mul = flow.batch_mul if draws is None else draws
+    B, L, _ = x1_BLd.shape
+    x1 = x1_BLd.expand(mul, -1, -1, -1)
+    x0 = torch.randn(x1.shape, generator=rng, device=x1.device, dtype=x1.dtype)
+    t = sample_times((mul, B, L), flow, rng, x1.device)
+    if groups_L is not None:  # each row takes the time of its patch's first row (no host sync)
+        first_L = (groups_L[:, None] == groups_L[None, :]).int().argmax(dim=1)
+        t = t[..., first_L]
+    return path_sample(x1, x0, t.to(x1.dtype))
+
+
+def with_null_labels(labels_B: Tensor, null: int) -> Tensor:
+    """``(2B,)`` labels: the conditional ones, then the null label for the unconditional half."""
+    return torch.cat([labels_B, torch.full_like(labels_B, null)])
+
+
+def solve_patch(
+    solver: ODESolver,
+    head: Callable[[Tensor, Tensor, Tensor], Tensor],
+    cond: Tensor,
+    shape_BLd: tuple[int, int, int],
+    *,
+    cfg_scale: float,
+    temperature: float,
+    rng: torch.Generator,
+    autocast=contextlib.nullcontext,
+) -> SolveResult:
+    """THE guided solve of one patch, shared by every generator's sampler.
+
+    Draws the patch's noise at ``temperature``, integrates ``head``'s velocity field from
+    t = 0 to 1 with batched classifier-free guidance and counts the NFE. ``cond`` is whatever
+    ``head`` conditions on (a scale module's rows, or labels for a diffusion transformer), with
+    the conditional batch first and, when guidance is on, the unconditional batch after it
+    (``2B`` leading); at ``cfg_scale == 1`` the unconditional half is dropped, not computed.
+    """
+    B = shape_BLd[0]
+    if cfg_scale == 1.0 and cond.shape[0] == 2 * B:
+        cond = cond[:B]
+    elif cfg_scale != 1.0 and cond.shape[0] != 2 * B:
+        raise ValueError(f"cfg_scale {cfg_scale} needs conditional and unconditional rows ({2 * B}); got {cond.shape[0]}")
+
+    def run(y, t, c):
+        with autocast():
+            return head(y, t, c)
+
+    x0 = temperature * torch.randn(shape_BLd, generator=rng, device=cond.device)
+    return solver.integrate(guided_velocity(run, cond, cfg_scale), x0)
 
 
 def guided_velocity(

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from nestar_lab.interfaces import Plugin, Rows, ScaleModule
+from nestar_lab.interfaces import Plugin, Rows, ScaleModule, TokenSample
 from nestar_lab.schedule import Schedule, coordination_rows
 
 
@@ -31,8 +31,13 @@ class Generator(Plugin, nn.Module, ABC):
         self.schedule.validate()
         shared = bool(getattr(self.params, "share_weights", False))
         count = 1 if shared else len(self.schedule.stages)
-        self.nets = nn.ModuleList(make_module() for _ in range(count))
-        self._rows: dict[tuple, Rows] = {}
+        self.nets = nn.ModuleList(self.build_nets(make_module, count))
+        self._rows: dict[tuple, object] = {}  # rows, masks and patch ids, built once per device
+
+    def build_nets(self, make_module: Callable[[], ScaleModule], count: int) -> list[nn.Module]:
+        """The networks, one per stage or one shared; default: ``count`` scale modules. A
+        generator whose network is not a scale module (``dit``) builds it here from one."""
+        return [make_module() for _ in range(count)]
 
     @classmethod
     @abstractmethod
@@ -50,12 +55,23 @@ class Generator(Plugin, nn.Module, ABC):
         """Training losses (:meth:`training_losses`): the call DDP wraps."""
         return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, **options)
 
-    def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> tuple[Tensor, float]:
-        """Tokens for ``labels`` and the NFE per image. Default: the schedule sampler
-        (``sample.py``: KV cache, stages x steps); generators that re-encode override this."""
+    def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> TokenSample:
+        """Tokens for ``labels`` with their NFE and context passes. Default: the schedule
+        sampler (``sample.py``: KV cache, stages x steps); generators that re-encode override
+        this, and every sampler solves its patches with ``flow.solve_patch``."""
         from nestar_lab.sample import sample_tokens
 
         return sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
+
+    def time_groups(self, device: torch.device) -> Tensor | None:
+        """Training draws one flow time per patch (the schedule's patch of each token) when a
+        module's head is joint, and one per token otherwise (``flow.draw_path``)."""
+        if not any(getattr(net, "joint_head", False) for net in self.nets):
+            return None
+        key = ("patches", str(device))
+        if key not in self._rows:
+            self._rows[key] = self.schedule.patch_of_token().to(device)
+        return self._rows[key]
 
     def net(self, stage: int) -> ScaleModule:
         """The scale module that runs ``stage``."""
@@ -82,7 +98,12 @@ class Generator(Plugin, nn.Module, ABC):
         return self._rows[key]
 
 
-def gather_inputs(tokens_BND: Tensor, src_idx_L: Tensor) -> Tensor:
-    """The token feeding each row, zeros for rows fed by the start embedding (``src = -1``)."""
-    x = tokens_BND[:, src_idx_L.clamp(min=0)]
-    return x * (src_idx_L >= 0).to(x.dtype)[None, :, None]
+def gather_inputs(tokens_BND: Tensor, src_idx: Tensor) -> Tensor:
+    """The token feeding each row, zeros for rows fed by the start embedding (``src = -1``).
+    ``src_idx`` is ``(L,)``, or ``(B, L)`` when rows are fed differently per image."""
+    idx = src_idx.clamp(min=0)
+    if idx.dim() == 1:
+        x = tokens_BND[:, idx]
+    else:
+        x = tokens_BND.gather(1, idx[..., None].expand(-1, -1, tokens_BND.shape[-1]))
+    return x * (src_idx >= 0).unsqueeze(-1).to(x.dtype)

@@ -169,13 +169,14 @@ class Rows:
     """Rows of a scale module's sequence: which token feeds each row and which it predicts.
 
     ``src_idx == -1`` marks a row fed by the learned start embedding. ``mask`` (``(L, L)`` bool,
-    True = may attend) is given for teacher-forced passes and ``None`` for cached extension.
+    True = may attend) is given for block-causal teacher-forced passes; ``None`` means every row
+    sees every row (a cached extension's new rows, or a bidirectional pass such as MAR's).
     ``coords`` and ``stages`` are for rows that are not cells of the token grid (``var``'s
     coarser scales); left ``None``, a module reads positions from ``spec.coords`` and the stage
     from its ``stage`` argument.
     """
 
-    src_idx: Tensor
+    src_idx: Tensor  # (L,), or (B, L) when rows are fed differently per image (MAR's orders)
     tgt_idx: Tensor
     mask: Tensor | None = None
     groups: Tensor | None = None  # (L,) patch id of each row; None: all rows are one patch
@@ -192,6 +193,8 @@ class ScaleModule(Plugin, nn.Module, ABC):
     Constructor: ``(params, spec=ScaleModuleSpec)``. A module sees the class label through
     prefix tokens it owns; ``labels == spec.num_classes`` is the null (unconditional) label.
     """
+
+    joint_head: bool = False  # True: the velocity head models a patch's tokens together
 
     def __init__(self, params: Params | None = None, *, spec: ScaleModuleSpec):
         nn.Module.__init__(self)
@@ -291,18 +294,39 @@ class CoordinationObjective(Plugin, ABC):
 
 
 # ----------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class TokenSample:
+    """One batch of a generator's sampling: the tokens ``(B, n, d)`` and what they cost.
+
+    ``nfe`` counts velocity evaluations and ``context_passes`` the sequential passes of the
+    context network (a scale module's ``extend``/``forward``); a diffusion transformer, whose
+    network *is* the velocity, has none. Every velocity evaluation is sequential too, so the
+    critical path is ``context_passes + nfe`` network passes.
+    """
+
+    tokens: Tensor
+    nfe: int
+    context_passes: int
+
+
 @dataclass
 class SampleStats:
-    """What sampling cost: sequential steps, velocity evaluations per image, wall time."""
+    """What sampling cost: sequential steps, network passes, velocity evaluations, wall time."""
 
     num_images: int
     sequential_steps: int
     nfe_per_image: float  # velocity evaluations each image took part in (mean over batches)
     seconds: float
+    context_passes: int = 0  # sequential context-network passes per batch (see TokenSample)
 
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / max(self.num_images, 1)
+
+    @property
+    def sequential_passes(self) -> float:
+        """Network passes on the critical path of one image: context passes plus NFE."""
+        return self.context_passes + self.nfe_per_image
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestar_lab.flow import FlowConfig, path_sample, sample_times
+from nestar_lab.flow import FlowConfig, draw_path
 from nestar_lab.generator import Generator, gather_inputs
 from nestar_lab.interfaces import CoordinationObjective, CoordinationPair
 
@@ -40,14 +40,13 @@ def training_losses(
     (none when ``coordination`` is None).
 
     Each token gets ``flow.batch_mul`` (noise, time) draws shared by every module that
-    predicts it, so the coordination pair sees both modules at the same ``(y_t, t)``.
+    predicts it, so the coordination pair sees both modules at the same ``(y_t, t)``; with a
+    joint head the time is one per patch (:meth:`Generator.time_groups`), as in sampling.
     ``measure_disagreement`` adds ``disagree_m``: mean ||v_m - v_(m-1)||^2 on module m-1's
     tokens, logged whether or not the objective uses it (it is never part of the loss).
     """
-    B, n, d = tokens_BND.shape
-    mul, device = flow.batch_mul, tokens_BND.device
-    x0_mBND = torch.randn((mul, B, n, d), generator=rng, device=device)
-    t_mBN = sample_times((mul, B, n), flow, rng, device)
+    device = tokens_BND.device
+    path = draw_path(tokens_BND, flow, rng, gen.time_groups(device))  # (mul, B, n, ...) over all tokens
     parts: dict[str, Tensor] = {}
     pairs: list[CoordinationPair] = []
     own_velocity: dict[int, Tensor] = {}
@@ -62,8 +61,7 @@ def training_losses(
         net = gen.net(i)
         cond_BLD = net(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=i)
         tgt = rows.tgt_idx
-        x1 = tokens_BND[:, tgt].expand(mul, -1, -1, -1)
-        ps = path_sample(x1, x0_mBND[:, :, tgt], t_mBN[:, :, tgt])
+        ps = path.rows(tgt)
         v = net.velocity(ps.y_t, ps.t, cond_BLD, rows.groups).float()  # cond broadcasts over draws
         parts[f"flow_{i + 1}"] = F.mse_loss(v[:, :, :n_main], ps.target[:, :, :n_main])
         own_velocity[i] = v[:, :, :n_main]

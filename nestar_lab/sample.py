@@ -11,16 +11,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nestar_lab.config import SampleConfig
-from nestar_lab.flow import guided_velocity
+from nestar_lab.flow import solve_patch, with_null_labels
 from nestar_lab.generator import Generator, gather_inputs
-from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokenizer, TokenOrder
-
-
-def cfg_scale_at(cfg: SampleConfig, tokens_done: int, num_tokens: int) -> float:
-    """Guidance for a step after which ``tokens_done`` tokens exist (linear: 1 -> cfg_scale)."""
-    if cfg.cfg_schedule == "constant":
-        return cfg.cfg_scale
-    return 1.0 + (cfg.cfg_scale - 1.0) * tokens_done / num_tokens
+from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokenizer, TokenOrder, TokenSample
 
 
 @torch.no_grad()
@@ -32,17 +25,16 @@ def sample_tokens(
     rng: torch.Generator,
     token_dim: int,
     autocast=contextlib.nullcontext,
-) -> tuple[Tensor, int]:
-    """Generate tokens ``(B, n, d)`` for ``labels``; returns them and the NFE per image."""
+) -> TokenSample:
+    """Generate tokens ``(B, n, d)`` for ``labels`` with the schedule's stages and steps."""
     device = labels_B.device
     B, n = labels_B.shape[0], gen.schedule.num_tokens
     guided = cfg.cfg_scale != 1.0  # cond and uncond rows share one batch
     labels_in = with_null_labels(labels_B, gen.net(0).spec.num_classes) if guided else labels_B
     tokens = torch.zeros(B, n, token_dim, device=device)
-    nfe, done = 0, 0
+    nfe, done, passes = 0, 0, 0
     for i, stage in enumerate(gen.schedule.stages):
         net = gen.net(i)
-        head = autocast_head(net.velocity, autocast)
         src_all, tgt_all = stage.src_idx.to(device), stage.tgt_idx.to(device)
         with autocast():
             cache = net.start_cache(labels_in, stage=i)
@@ -52,30 +44,12 @@ def sample_tokens(
             x_in = gather_inputs(tokens, rows.src_idx)
             with autocast():
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
-            done += len(rows)
-            w = cfg_scale_at(cfg, done, n)
-            if guided and w == 1.0:
-                cond = cond[:B]
-            x0 = cfg.temperature * torch.randn(B, len(rows), token_dim, generator=rng, device=device)
-            result = solver.integrate(guided_velocity(head, cond, w), x0)
+            done, passes = done + len(rows), passes + 1
+            result = solve_patch(solver, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=cfg.scale_at(done, n), temperature=cfg.temperature)  # fmt: skip
             tokens[:, rows.tgt_idx] = result.y1.to(tokens.dtype)
             nfe += result.nfe
-    return tokens, nfe
-
-
-def with_null_labels(labels_B: Tensor, null: int) -> Tensor:
-    """``(2B,)`` labels: the conditional ones, then the null label for the unconditional half."""
-    return torch.cat([labels_B, torch.full_like(labels_B, null)])
-
-
-def autocast_head(head, autocast):
-    """A velocity head run under the sampler's precision (the ODE state itself stays fp32)."""
-
-    def run(y, t, cond):
-        with autocast():
-            return head(y, t, cond)
-
-    return run
+    return TokenSample(tokens, nfe, passes)
 
 
 class Sampler:
@@ -101,12 +75,13 @@ class Sampler:
         labels = labels.to(device)
         token_dim = self.tokenizer.latent_shape[0]
         start = time.perf_counter()
-        images, nfe_sum = [], 0
+        images, nfe_sum, passes = [], 0, 0
         chunks = labels.split(batch_size or self.cfg.batch_size)
         for chunk in tqdm(chunks, desc="sample", unit="batch", disable=len(chunks) < 2, leave=False):
-            tokens, nfe = self.gen.sample_tokens(chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
-            nfe_sum += nfe * len(chunk)  # adaptive solvers may differ per chunk
-            images.append(self.tokenizer.decode(self.order.unflatten(tokens)).float().clamp(-1, 1))
+            batch = self.gen.sample_tokens(chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
+            nfe_sum += batch.nfe * len(chunk)  # adaptive solvers may differ per chunk
+            passes = batch.context_passes
+            images.append(self.tokenizer.decode(self.order.unflatten(batch.tokens)).float().clamp(-1, 1))
         out = torch.cat(images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -115,5 +90,6 @@ class Sampler:
             sequential_steps=self.gen.schedule.sequential_steps,
             nfe_per_image=nfe_sum / max(len(labels), 1),
             seconds=time.perf_counter() - start,
+            context_passes=passes,
         )
         return Samples(images=out.cpu(), labels=labels.cpu(), stats=stats)

@@ -64,6 +64,14 @@ class Schedule:
     def sequential_steps(self) -> int:
         return sum(s.num_steps for s in self.stages)
 
+    def patch_of_token(self) -> Tensor:
+        """``(n,)`` long: the global patch (stage, step) that generates each token."""
+        ids, offset = torch.zeros(self.num_tokens, dtype=torch.long), 0
+        for stage in self.stages:
+            ids[stage.tgt_idx] = stage.step_of_row + offset
+            offset += stage.num_steps
+        return ids
+
     def validate(self) -> None:
         """Every token generated exactly once; every row fed by a token generated before it."""
         generated = torch.zeros(self.num_tokens, dtype=torch.long)

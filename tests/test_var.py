@@ -84,7 +84,9 @@ def test_sixteen_by_sixteen_samples_five_scales_with_guidance(head):
     assert gen.scales == (1, 2, 4, 8, 16) and gen.schedule.sequential_steps == 5
     cfg = SampleConfig(cfg_scale=2.0, cfg_schedule="linear")
     rng = torch.Generator().manual_seed(0)
-    tokens, nfe = gen.sample_tokens(torch.tensor([1, 2]), euler(3), cfg, rng, 2, torch.no_grad)
+    out = gen.sample_tokens(torch.tensor([1, 2]), euler(3), cfg, rng, 2, torch.no_grad)
+    tokens, nfe = out.tokens, out.nfe
+    assert out.context_passes == 5
     assert tokens.shape == (2, 256, 2) and torch.isfinite(tokens).all() and (tokens != 0).all()
     assert nfe == 5 * 3
     out = gen.training_losses(tokens, torch.tensor([0, 10]), FlowConfig(batch_mul=2), None, torch.Generator())
@@ -122,8 +124,8 @@ def test_cached_extension_equals_the_teacher_forced_pass():
 def test_custom_scales_and_progressive_stages():
     gen, _ = make_var((6, 6), scales=[1, 3, 6])
     assert gen.schedule.sequential_steps == 3
-    tokens, nfe = gen.sample_tokens(torch.tensor([0]), euler(1), SampleConfig(cfg_scale=1.0), torch.Generator(), 2,
-                                    torch.no_grad)  # fmt: skip
+    out = gen.sample_tokens(torch.tensor([0]), euler(1), SampleConfig(cfg_scale=1.0), torch.Generator(), 2, torch.no_grad)
+    tokens, nfe = out.tokens, out.nfe
     assert tokens.shape == (1, 36, 2) and nfe == 3
     out = gen.training_losses(torch.randn(2, 36, 2), torch.tensor([0, 1]), FlowConfig(), None, torch.Generator(),
                               stages={0})  # fmt: skip

@@ -1,10 +1,10 @@
-"""Baseline schedules in the same sandbox: same tokenizers, orders, scale modules, solvers."""
+"""Token-by-token autoregression in the same sandbox: same tokenizers, orders, scale modules, solvers."""
 
 from __future__ import annotations
 
 from nestar_lab.generator import Generator
 from nestar_lab.interfaces import Params
-from nestar_lab.schedule import Schedule, autoregressive_schedule, single_step_schedule
+from nestar_lab.schedule import Schedule, autoregressive_schedule
 
 
 class AR(Generator):
@@ -18,22 +18,3 @@ class AR(Generator):
     @classmethod
     def build_schedule(cls, params, num_tokens: int) -> Schedule:
         return autoregressive_schedule(num_tokens)
-
-
-class DiT(Generator):
-    """Diffusion-style baseline: all n tokens in one step, the image made by integrating one
-    velocity field over every token at once (sample with ``ode_solver.params.steps: 50``).
-
-    The transformer only turns the label and positions into per-token conditioning; the
-    denoiser is the scale module's velocity head, which must be joint
-    (``scale_module.params.head: joint``) for tokens to see each other: a per-token head would
-    draw every token independently. Simplified from DiT: flow matching instead of DDPM, and
-    the conditioning tokens stand in for DiT's patch-embedding + label AdaLN.
-    """
-
-    class Params(Params):
-        pass
-
-    @classmethod
-    def build_schedule(cls, params, num_tokens: int) -> Schedule:
-        return single_step_schedule(num_tokens)

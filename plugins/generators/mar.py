@@ -1,19 +1,17 @@
-"""MAR-style masked autoregression: random order, a cosine schedule of reveals, re-encoding."""
+"""MAR-style masked autoregression: per-image random orders, a cosine reveal schedule, re-encoding."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from nestar_lab.flow import guided_velocity, path_sample, sample_times
+from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator, gather_inputs
-from nestar_lab.interfaces import Params, Rows
+from nestar_lab.interfaces import Params, Rows, TokenSample
 from nestar_lab.losses import LossOutput
-from nestar_lab.sample import autocast_head, cfg_scale_at, with_null_labels
 from nestar_lab.schedule import Schedule, Stage
 
 
@@ -29,22 +27,39 @@ def reveal_counts(num_tokens: int, steps: int) -> list[int]:
     return counts
 
 
+def mask_ratio(rng: torch.Generator, device, low: float, std: float, mean: float = 1.0) -> Tensor:
+    """MAR's masking ratio: a normal(mean, std) truncated to [low, 1], drawn on the device by
+    inverting its CDF (a 0-dim tensor: no host sync)."""
+    a = torch.special.ndtr(torch.tensor((low - mean) / std, device=device))
+    b = torch.special.ndtr(torch.tensor((1.0 - mean) / std, device=device))
+    u = torch.rand((), generator=rng, device=device)
+    return (mean + std * torch.special.ndtri(a + u * (b - a))).clamp(low, 1.0)
+
+
+def random_orders(batch: int, n: int, rng: torch.Generator, device) -> Tensor:
+    """``(B, n)``: an independent random generation order per image."""
+    return torch.rand(batch, n, generator=rng, device=device).argsort(dim=1)
+
+
 class MAR(Generator):
     """Masked autoregression in the manner of MAR (Li et al. 2024): every step re-encodes the
-    known tokens with bidirectional attention and reveals the next tokens of a random order, as
-    many as a cosine schedule says; a flow head samples them. Trained by masking a random
-    order's first ``ratio * n`` tokens (``ratio`` uniform in [mask_ratio_min, 1]).
+    known tokens with bidirectional attention and reveals the next tokens of each image's own
+    random order, as many as a cosine schedule says; MAR's per-token MLP flow head samples them.
+    Trained by masking the first ``ceil(ratio * n)`` tokens of a random order per image, with
+    ``ratio`` MAR's truncated normal (mean 1, std ``mask_ratio_std``, on [mask_ratio_min, 1],
+    one ratio per batch as in MAR); the loss covers the masked tokens.
 
-    Simplified from MAR: one bidirectional transformer over all positions (known tokens fed by
-    their value, unknown ones by the learned start embedding) instead of MAR's encoder-decoder
-    with buffer tokens; one random order per batch rather than per image; no KV cache (none
-    applies: representations of known tokens change as tokens are revealed). Use
-    ``sample.cfg_schedule: linear`` for MAR's guidance schedule.
+    Simplified from MAR (``docs/baselines.md``): one bidirectional transformer over all
+    positions (known tokens fed by their value, unknown ones by the learned start embedding,
+    label as prefix tokens) instead of MAR's encoder-decoder with buffer tokens; flow matching
+    instead of its DDPM head. No KV cache applies: the representations of known tokens change
+    as tokens are revealed. Use ``sample.cfg_schedule: linear`` for MAR's guidance schedule.
     """
 
     class Params(Params):
         steps: int = Field(64, ge=1, description="sampling iterations S")
         mask_ratio_min: float = Field(0.7, gt=0, le=1)
+        mask_ratio_std: float = Field(0.25, gt=0, description="std of MAR's truncated-normal mask ratio (mean 1)")
 
     @classmethod
     def build_schedule(cls, params, num_tokens: int) -> Schedule:
@@ -55,55 +70,52 @@ class MAR(Generator):
         n = torch.arange(num_tokens)
         return Schedule(num_tokens, [Stage(src_idx=torch.full((num_tokens,), -1), tgt_idx=n, step_of_row=step)])
 
-    def _all_rows(self, known_n: Tensor) -> Rows:
-        n = known_n.shape[0]
-        arange = torch.arange(n, device=known_n.device)
-        full = torch.ones(n, n, dtype=torch.bool, device=known_n.device)
-        return Rows(torch.where(known_n, arange, -1), arange, full)
+    def build_nets(self, make_module, count):
+        nets = super().build_nets(make_module, count)
+        if nets[0].joint_head:
+            raise ValueError("mar samples each revealed token with MAR's per-token head; set scale_module.params.head: mlp")
+        return nets
+
+    def _encode(self, tokens_BND: Tensor, known_Bn: Tensor, labels_B: Tensor) -> Tensor:
+        """Bidirectional pass over every position (no mask object): ``(B, n, D)``."""
+        n = known_Bn.shape[1]
+        arange = torch.arange(n, device=known_Bn.device)
+        rows = Rows(torch.where(known_Bn, arange, -1), arange)
+        return self.net(0)(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=0)
 
     def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options) -> LossOutput:
-        B, n, d = tokens_BND.shape
-        device, mul = tokens_BND.device, flow.batch_mul
-        order = torch.randperm(n, generator=rng, device=device)
-        lo = self.params.mask_ratio_min
-        ratio = lo + (1 - lo) * float(torch.rand((), generator=rng, device=device))
-        masked = order[: max(1, math.ceil(ratio * n))]
-        known = torch.ones(n, dtype=torch.bool, device=device)
-        known[masked] = False
-        rows = self._all_rows(known)
-        net = self.net(0)
-        cond = net(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=0)[:, masked]
-        x1 = tokens_BND[:, masked].expand(mul, -1, -1, -1)
-        x0 = torch.randn(x1.shape, generator=rng, device=device)
-        ps = path_sample(x1, x0, sample_times(x1.shape[:-1], flow, rng, device))
-        loss = F.mse_loss(net.velocity(ps.y_t, ps.t, cond).float(), ps.target)
+        B, n, _ = tokens_BND.shape
+        device = tokens_BND.device
+        rank_Bn = random_orders(B, n, rng, device).argsort(dim=1)  # each token's place in its image's order
+        ratio = mask_ratio(rng, device, self.params.mask_ratio_min, self.params.mask_ratio_std)
+        masked_Bn = rank_Bn < torch.ceil(ratio * n).clamp(min=1)
+        cond = self._encode(tokens_BND, ~masked_Bn, labels_B)
+        ps = draw_path(tokens_BND, flow, rng, None)  # MAR's head: per-token times, every position
+        err = (self.net(0).velocity(ps.y_t, ps.t, cond).float() - ps.target).pow(2).mean(-1)
+        weight = masked_Bn.to(err.dtype)
+        loss = (err * weight).sum() / (weight.sum() * err.shape[0])  # the masked tokens only
         return LossOutput(total=loss, parts={"flow_1": loss})
 
     @torch.no_grad()
-    def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast):
+    def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast) -> TokenSample:
         device = labels_B.device
-        B, n = labels_B.shape[0], self.schedule.num_tokens
-        net = self.net(0)
+        B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
         guided = cfg.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
-        head = autocast_head(net.velocity, autocast)
-        order = torch.randperm(n, generator=rng, device=device)
+        order_Bn = random_orders(B, n, rng, device)
         tokens = torch.zeros(B, n, token_dim, device=device)
-        known = torch.zeros(n, dtype=torch.bool, device=device)
-        nfe, done = 0, 0
-        for count in reveal_counts(n, self.params.steps):
-            new = order[done:count]
-            rows = self._all_rows(known)
-            x_in = gather_inputs(tokens, rows.src_idx)
+        known = torch.zeros(B, n, dtype=torch.bool, device=device)
+        nfe, done, counts = 0, 0, reveal_counts(n, self.params.steps)
+        for count in counts:
+            new_BK = order_Bn[:, done:count]
+            pick = torch.cat([new_BK, new_BK]) if guided else new_BK
             with autocast():
-                cond = net(torch.cat([x_in, x_in]) if guided else x_in, rows, labels_in, stage=0)[:, new]
-            w = cfg_scale_at(cfg, count, n)
-            if guided and w == 1.0:
-                cond = cond[:B]
-
-            x0 = cfg.temperature * torch.randn(B, len(new), token_dim, generator=rng, device=device)
-            result = solver.integrate(guided_velocity(head, cond, w), x0)
-            tokens[:, new] = result.y1.to(tokens.dtype)
-            known[new] = True
+                cond = self._encode(torch.cat([tokens, tokens]) if guided else tokens,
+                                    torch.cat([known, known]) if guided else known, labels_in)  # fmt: skip
+            cond = cond.gather(1, pick[..., None].expand(-1, -1, cond.shape[-1]))
+            result = solve_patch(solver, net.velocity, cond, (B, count - done, token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=cfg.scale_at(count, n), temperature=cfg.temperature)  # fmt: skip
+            tokens.scatter_(1, new_BK[..., None].expand(-1, -1, token_dim), result.y1.to(tokens.dtype))
+            known.scatter_(1, new_BK, True)
             nfe, done = nfe + result.nfe, count
-        return tokens, nfe
+        return TokenSample(tokens, nfe, len(counts))

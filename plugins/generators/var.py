@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from nestar_lab.flow import guided_velocity, path_sample, sample_times
+from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator
-from nestar_lab.interfaces import Params, Rows
+from nestar_lab.interfaces import Params, Rows, TokenSample
 from nestar_lab.losses import LossOutput
-from nestar_lab.sample import autocast_head, cfg_scale_at, with_null_labels
 from nestar_lab.schedule import Schedule, Stage
 
 
@@ -117,13 +116,11 @@ class VAR(Generator):
         return torch.cat(inputs, 1), torch.cat([flat(m) for m in maps], 1)
 
     def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options) -> LossOutput:
-        device, mul = tokens_BND.device, flow.batch_mul
+        device = tokens_BND.device
         rows, net = self._pyramid_rows(device), self.net(0)
         x_in, x1 = self.pyramid(tokens_BND)
         cond = net(x_in, rows, labels_B, stage=0)
-        x1 = x1.expand(mul, -1, -1, -1)
-        x0 = torch.randn(x1.shape, generator=rng, device=device)
-        ps = path_sample(x1, x0, sample_times(x1.shape[:-1], flow, rng, device))
+        ps = draw_path(x1, flow, rng, rows.groups if net.joint_head else None)  # joint: one time per scale
         err_P = (net.velocity(ps.y_t, ps.t, cond, rows.groups).float() - ps.target).pow(2).mean((0, 1, 3))
         parts = {f"mse_{s}x{s}": err_P[a:b].mean().detach() for (a, b), s in zip(self.bounds, self.scales)}
         if (active := options.get("stages")) is not None:  # progressive training: these scales only
@@ -137,7 +134,6 @@ class VAR(Generator):
         B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
         guided = cfg.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
-        head = autocast_head(net.velocity, autocast)  # groups=None: one scale is one patch
         with autocast():
             cache = net.start_cache(labels_in, stage=0)
         prev, nfe, r = None, 0, self._pyramid_rows(device)
@@ -147,14 +143,11 @@ class VAR(Generator):
             x_in = torch.zeros(B, s * s, token_dim, device=device) if prev is None else flat(self._upsample(prev, s))
             with autocast():
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
-            w = cfg_scale_at(cfg, s * s, n)
-            if guided and w == 1.0:
-                cond = cond[:B]
-            x0 = cfg.temperature * torch.randn(B, s * s, token_dim, generator=rng, device=device)
-            result = solver.integrate(guided_velocity(head, cond, w), x0)
+            result = solve_patch(solver, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=cfg.scale_at(s * s, n), temperature=cfg.temperature)  # one scale, one patch
             prev = result.y1.float().transpose(1, 2).reshape(B, token_dim, s, s)
             nfe += result.nfe
-        return flat(prev)[:, self.cell_of_token], nfe
+        return TokenSample(flat(prev)[:, self.cell_of_token], nfe, len(self.scales))
 
 
 def flat(map_BdSS: Tensor) -> Tensor:

@@ -68,6 +68,10 @@ class Transformer(ScaleModule):
             nn.init.normal_(emb.weight, std=0.02)
         self._block_masks = BlockMasks()
 
+    @property
+    def joint_head(self) -> bool:
+        return self.params.head == "joint"
+
     def _prefix(self, labels_B: Tensor, stage: int) -> Tensor:
         stage_vec = self.stage_emb.weight[stage]
         return self.label_emb(labels_B)[:, None, :] + self.prefix_pos[None] + stage_vec
@@ -81,7 +85,7 @@ class Transformer(ScaleModule):
         return pos, pos
 
     def _embed_rows(self, x_in_BLd: Tensor, rows: Rows) -> Tensor:
-        is_start = (rows.src_idx < 0)[None, :, None]
+        is_start = (rows.src_idx < 0).unsqueeze(-1)  # src_idx is (L,) or (B, L)
         src_pos, tgt_pos = self._positions(rows)
         fed = self.token_in(x_in_BLd) + self.src_pos(src_pos)
         x = torch.where(is_start, self.start.to(fed.dtype), fed) + self.tgt_pos(tgt_pos)
@@ -90,11 +94,13 @@ class Transformer(ScaleModule):
     def forward(self, x_in_BLd: Tensor, rows: Rows, labels_B: Tensor, stage: int) -> Tensor:
         P, L = self.params.prefix_tokens, len(rows)
         x = torch.cat([self._prefix(labels_B, stage), self._embed_rows(x_in_BLd, rows).to(self.start.dtype)], 1)
-        mask = torch.zeros(P + L, P + L, dtype=torch.bool, device=x.device)
-        mask[:, :P] = True
-        mask[P:, P:] = rows.mask
-        if use_flex(self.params.attention, x.device):
-            mask = self._block_masks.get(rows, mask)
+        mask = None  # rows.mask None: bidirectional over prefix and rows, plain SDPA on any device
+        if rows.mask is not None:
+            mask = torch.zeros(P + L, P + L, dtype=torch.bool, device=x.device)
+            mask[:, :P] = True
+            mask[P:, P:] = rows.mask
+            if use_flex(self.params.attention, x.device):
+                mask = self._block_masks.get(rows, mask)
         recompute = self.params.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
