@@ -11,6 +11,7 @@
     nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W]
     nestar study report STUDY
     nestar describe CONFIG             tokens, modules, sequential steps, parameter counts
+    nestar ref-stats CONFIG --out FILE.npz [--split train|test]   ADM-layout reference statistics
     nestar plugins                     every registered plugin: kind, name, provider
 """
 
@@ -90,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("describe", help="tokens, schedule, sequential steps and parameter counts of a config")
     d.add_argument("config")
     add_set(d)
+
+    rs = sub.add_parser("ref-stats", help="write a split's FID statistics and reference images (ADM's .npz layout)")
+    rs.add_argument("config", help="experiment YAML; its fidelity metric's extractor is used")
+    rs.add_argument("--out", required=True, help="the .npz to write (mu, sigma, arr_0)")
+    rs.add_argument("--split", choices=["train", "test"], default="train")
+    add_set(rs)
 
     sub.add_parser("plugins", help="list registered plugins")
     return p
@@ -311,6 +318,23 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_ref_stats(args) -> int:
+    """The config's ``fidelity`` metric (looked up through the registry) writes the file."""
+    from nestar_lab.evaluate import cache_root
+    from nestar_lab.experiment import make, pick_device
+
+    cfg = _cfg_from(args.config, args.overrides)
+    specs = [m for m in cfg.metrics if m.name == "fidelity"]
+    if not specs:
+        print(f"error: {args.config}: no fidelity metric; ref-stats uses its extractor (add one to metrics)", file=sys.stderr)
+        return 2
+    spec = specs[0].model_copy(update={"params": {**specs[0].params, "reference": args.split}})
+    metric = make("metric", spec)
+    dataset = make("dataset", cfg.dataset)
+    print(metric.write_reference(dataset, cfg.dataset.name, args.split, args.out, pick_device(cfg.device), cache_root()))
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from nestar_lab.registry import get_registry
 
@@ -332,6 +356,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "study": cmd_study,
     "describe": cmd_describe,
+    "ref-stats": cmd_ref_stats,
     "plugins": cmd_plugins,
 }
 

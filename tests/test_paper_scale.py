@@ -15,6 +15,7 @@ from PIL import Image
 
 from nestar_lab.cli import main
 from nestar_lab.config import ConfigError, load_config
+from nestar_lab.experiment import make
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.registry import get_registry
 
@@ -52,6 +53,14 @@ def test_paper_configs_validate_with_local_files(path, folder):
         warnings.simplefilter("ignore")  # kl16 without weights warns that its latents are meaningless
         cfg = load_config(path, [f"dataset.params.root={folder}", "tokenizer.params.weights=null"])
     assert cfg.tokenizer.name == "kl16" and cfg.eval.samples_per_class * 1000 == 50_000
+    fidelity = next(m for m in cfg.metrics if m.name == "fidelity")  # the papers' protocol: ADM's reference batch
+    assert fidelity.params["extractor"] == "inception"
+    assert fidelity.params["reference"] == "data/VIRTUAL_imagenet256_labeled.npz"
+    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz: reference statistics not found"):
+        make("metric", fidelity)  # named when the experiment is built, before training or sampling
+    adm = folder.parent / "adm.npz"  # the layout of ADM's file (its arr_0 holds 10k 256 px images)
+    np.savez(adm, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32), arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    make("metric", fidelity.model_copy(update={"params": {**fidelity.params, "reference": str(adm)}}))
     with pytest.raises(ConfigError, match="data/imagenet"):  # shipped paths are placeholders: named in the error
         load_config(path)
 

@@ -2,21 +2,29 @@
 
 Both are selected by name; every metric value carries the extractor's tag in its name
 (``fid_inception``, ``fid_digits_cnn``) so numbers from different extractors are never compared
-by accident.
+by accident. Also here: the images as the extractors see them (uint8 ``(C, H, W)``), feature
+extraction, and the on-disk cache of reference features and statistics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset as TorchDataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import (
+    cache_lookup_one_recompute_on_miss, create_feature_extractor, get_featuresdict_from_dataset,
+)  # fmt: skip
 
-from nestar_plugins.metrics.classifier import SmallCNN
+from nestar_plugins.metrics.classifier import SmallCNN, cached_classifier
 
 INCEPTION_ENV = "NESTAR_INCEPTION_WEIGHTS"
 INCEPTION_HINT = (
@@ -91,6 +99,85 @@ class ExtractorChoice:
     weights_path: str
     tag: str
     needs_rgb: bool
+
+
+def choose_extractor(params, dataset, dataset_name: str, cache_dir) -> ExtractorChoice:
+    """The extractor a ``fidelity`` metric's params name: ``inception`` (local weights) or
+    ``dataset_cnn`` (a classifier trained once on ``dataset``'s train split, cached)."""
+    if params.extractor == "inception":
+        return ExtractorChoice("inception-v3-compat", inception_weights(params.inception_weights), "inception", True)
+    ensure_registered()
+    net = cached_classifier(dataset, cache_dir, params.classifier_epochs, params.classifier_width, 0)
+    path = export_cnn(net, Path(cache_dir) / f"extractor-{dataset_name}-{digest(*net.state_dict().values())}.pt")
+    return ExtractorChoice(CNN_EXTRACTOR, str(path), f"{dataset_name}_cnn", False)
+
+
+def feature_dim(extractor: str, classifier_width: int) -> int:
+    """Width of the features FID, KID and precision/recall use: Inception's pool3 (2048) or the
+    dataset CNN's penultimate layer (``4 * classifier_width``, see :class:`SmallCNN`)."""
+    return 2048 if extractor == "inception" else 4 * classifier_width
+
+
+def layer_for(choice: ExtractorChoice, metric: str) -> str:
+    """The extractor's feature layer for ``metric`` (``isc``, ``fid``, ``kid``, ``prc``)."""
+    return FEATURE_EXTRACTORS_REGISTRY[choice.fidelity_name].get_default_feature_layer_for_metric(metric)
+
+
+def extract(choice: ExtractorChoice, images: TorchDataset, layers: Iterable[str], device, batch_size: int) -> dict:
+    """Features ``{layer: (N, D) tensor}`` of a dataset of uint8 ``(C, H, W)`` images."""
+    cuda = torch.device(device).type == "cuda"
+    net = create_feature_extractor(choice.fidelity_name, sorted(set(layers)), cuda=cuda,
+                                   feature_extractor_weights_path=choice.weights_path, verbose=False)  # fmt: skip
+    return get_featuresdict_from_dataset(images, net, batch_size, cuda, True, sys.stderr.isatty())
+
+
+def cached(name: str, cache_dir, recompute: Callable):
+    """``recompute()``, saved under ``cache_dir/fidelity/name.pt`` and loaded from there next time."""
+    root = str(Path(cache_dir) / "fidelity")
+    return cache_lookup_one_recompute_on_miss(name, recompute, cache=True, cache_root=root, verbose=False)
+
+
+def digest(*parts) -> str:
+    """A short content hash of tensors, arrays and strings."""
+    h = hashlib.sha256()
+    for p in parts:
+        p = p.numpy() if torch.is_tensor(p) else p
+        h.update(p.tobytes() if hasattr(p, "tobytes") else str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class Uint8Images(TorchDataset):
+    """Images in [-1, 1] served as uint8 ``(C, H, W)`` tensors, as torch-fidelity expects;
+    ``rgb``: grey-scale images are repeated to 3 channels (what Inception needs)."""
+
+    def __init__(self, images: Tensor, rgb: bool):
+        images = to_uint8(images)
+        self.images = images.expand(-1, 3, -1, -1) if rgb and images.shape[1] == 1 else images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+class Uint8Items(TorchDataset):
+    """A dataset's lazily read items (``Dataset.items``) as uint8 images: reference sets too
+    large for memory (``image_folder``) stream through the extractor once, then are cached."""
+
+    def __init__(self, items, limit: int | None = None):
+        self.items, self.n = items, len(items) if limit is None else min(limit, len(items))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tensor:
+        return to_uint8(self.items[i][0])
 
 
 def inception_weights(path: str | None) -> str:
