@@ -1,0 +1,119 @@
+"""The same learning-rate search for every quality variant, run through the study machinery.
+
+Each variant gets one Optuna study (``nestar_lab.tuning.run_study``): its base config is the
+variant's resolved config (the quickstart plus the variant's overrides, written to the study
+directory), the searched key is ``train.lr`` (log-uniform over ``LR_RANGE``), and the trials
+are the same log-spaced grid of arms for every variant, trained for the same few steps with a
+search seed kept apart from the benchmark's seeds, and scored by FID on a few samples. The
+chosen learning rate per variant (and every trial's score) goes to ``lr.json``; a variant
+whose search with the same budget is already there is not searched again, and an interrupted
+search resumes from its study storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from nestar_lab.config import dump_config, load_config
+from nestar_lab.study import NamedSpec, Objective, ParamSpace, StudySpec
+from nestar_lab.tuning import run_study
+
+LR_RANGE = (3.0e-4, 5.0e-3)
+SEARCH_SEED = 100  # training seed of every search trial: none of the benchmark's seeds
+OBJECTIVE = "fid_digits_cnn"
+SEARCH_METRICS = [  # FID only: the search's evaluations stay cheap
+    {"name": "fidelity", "params": {"extractor": "dataset_cnn", "reference": "train", "isc": False,
+                                    "kid": False, "prc": False, "real_baseline": False}},
+]  # fmt: skip
+
+
+def lr_grid(trials: int) -> list[float]:
+    """``trials`` learning rates spaced evenly in log over ``LR_RANGE`` (2 significant digits)."""
+    lo, hi = (math.log(v) for v in LR_RANGE)
+    if trials == 1:
+        return [float(f"{math.exp((lo + hi) / 2):.2g}")]
+    return [float(f"{math.exp(lo + (hi - lo) * i / (trials - 1)):.2g}") for i in range(trials)]
+
+
+def budget(trials: int, steps: int, samples_per_class: int) -> dict[str, Any]:
+    """What every variant's search spends; stored with its result and stated in the table."""
+    return {"grid": lr_grid(trials), "steps": steps, "samples_per_class": samples_per_class,
+            "objective": OBJECTIVE, "seed": SEARCH_SEED}  # fmt: skip
+
+
+def describe(b: dict[str, Any]) -> str:
+    """One line for a caption: the search every variant got."""
+    grid = ", ".join(f"{v:g}" for v in b["grid"])
+    return (f"Learning rate per variant: the best of {len(b['grid'])} trials (lr in {{{grid}}}), each "
+            f"{b['steps']} steps at seed {b['seed']}, scored by {b['objective']} on "
+            f"{b['samples_per_class']} samples per class (an Optuna study per variant, same budget for all)")  # fmt: skip
+
+
+def make_spec(config: str, slug: str, overrides: list[str], b: dict[str, Any], root: Path) -> StudySpec:
+    """The variant's study: base = its resolved config, trials = the grid's arms."""
+    tag = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:6]  # the variant's definition
+    name = f"lr_{slug}_{tag}_t{len(b['grid'])}_s{b['steps']}_n{b['samples_per_class']}"
+    study_dir = root / name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(load_config(config, overrides), study_dir / "base.yaml")
+    spec = StudySpec(
+        name=name,
+        base="base.yaml",
+        overrides={"train.steps": b["steps"], "eval.samples_per_class": b["samples_per_class"],
+                   "seed": b["seed"], "metrics": SEARCH_METRICS},  # fmt: skip
+        space={"train.lr": ParamSpace(float_range=LR_RANGE, log=True)},
+        arms=[{"train.lr": lr} for lr in b["grid"]],
+        objectives=[Objective(metric=b["objective"], direction="minimize")],
+        sampler=NamedSpec(name="random", params={"seed": 0}),
+        pruner=NamedSpec(name="none"),
+        trials=len(b["grid"]),
+        output_dir=str(root),
+    )
+    source = study_dir / "study.yaml"  # `nestar study report <source>` reads the study back
+    dumped = spec.model_dump(mode="json", by_alias=True, exclude={"source"}, exclude_none=True)
+    dumped["output_dir"] = str(root.resolve())
+    source.write_text(yaml.safe_dump(dumped, sort_keys=False))
+    return spec.model_copy(update={"source": source})
+
+
+def load_chosen(path: Path) -> dict[str, Any]:
+    """``lr.json``: label -> {lr, budget, overrides, trials (lr, FID), study_dir}."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def current(entry: dict[str, Any], overrides: list[str], b: dict[str, Any]) -> bool:
+    """Whether a stored search is for this variant's definition and this budget."""
+    return entry.get("budget") == b and entry.get("overrides") == overrides
+
+
+def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[str, Any], root: Path,
+              store: Path) -> float:  # fmt: skip
+    """The variant's learning rate: from ``store`` when searched with budget ``b``, else searched now
+    (``config`` plus ``overrides`` is the variant; its study lives under ``root``)."""
+    chosen = load_chosen(store)
+    if current(chosen.get(label, {}), overrides, b):
+        return float(chosen[label]["lr"])
+    spec = make_spec(config, slug, overrides, b, root)
+    study = run_study(spec, trials=spec.trials)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials]
+        raise RuntimeError(f"{label}: no learning-rate trial finished ({errors}); see {spec.study_dir}")
+    best = min(done, key=lambda t: t.value)
+    trials = sorted((t.params["train.lr"], t.value) for t in done)
+    entry = {"lr": best.params["train.lr"], "budget": b, "overrides": overrides, "trials": trials,
+             "study_dir": str(spec.study_dir)}  # fmt: skip
+    chosen = load_chosen(store) | {label: entry}  # reread: another process may have added a variant
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(chosen, indent=1) + "\n")
+    tmp.replace(store)
+    return float(entry["lr"])
