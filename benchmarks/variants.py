@@ -1,4 +1,11 @@
-"""The generator variants the benchmarks compare, at a matched parameter count."""
+"""The generator variants the benchmarks compare, and the two ways of matching their size.
+
+``total``: every baseline's width is chosen so that its parameter count is closest to NestAR
+k=4's, so each of NestAR's M modules is about 1/M the size of a baseline's one network.
+``per_step``: every variant runs the config's scale module as it is, so each NestAR module is as
+wide and deep as a baseline's one network (NestAR then has M times the parameters) and speed
+ratios show the schedule alone.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ SIZES = {  # token count -> overrides on the quickstart config giving that many 
     256: ["dataset.name=image_patches", "dataset.params={}"],  # 16x16 RGB crops: the paper's n
 }
 MATCH_TO = "NestAR k=4"  # every other variant's width is matched to this one's parameter count
+MATCHES = {
+    "total": f"matched on total parameters (every other variant's width and head width chosen closest to {MATCH_TO}'s count)",
+    "per_step": "matched on the per-step network (every variant runs the same scale module; NestAR has one per module)",
+}
 
 
 def variants(tokens: int = 64) -> dict[str, list[str]]:
@@ -29,10 +40,7 @@ def variants(tokens: int = 64) -> dict[str, list[str]]:
             "generator.name=mar", f"generator.params={{steps: {tokens // 4}}}", "token_order.name=raster",
             "sample.cfg_schedule=linear", "coordination.name=none", "coordination.params={}",
         ],
-        "DiT (joint head, 50 steps)": [
-            "generator.name=dit", "generator.params={}", "scale_module.params.head=joint",
-            "ode_solver.params.steps=50",
-        ],
+        "DiT (50 steps)": ["generator.name=dit", "generator.params={}", "ode_solver.params.steps=50"],
         f"VAR ({scales})": ["generator.name=var", "generator.params={}", "coordination.name=none", "coordination.params={}"],
     }  # fmt: skip
     return {label: SIZES[tokens] + ov for label, ov in table.items()}
@@ -40,7 +48,7 @@ def variants(tokens: int = 64) -> dict[str, list[str]]:
 
 def baselines(tokens: int = 64) -> tuple[str, ...]:
     """The labels speed-ups are computed against: MAR, DiT, AR."""
-    return (f"MAR (S={tokens // 4})", "DiT (joint head, 50 steps)", "AR (raster)")
+    return (f"MAR (S={tokens // 4})", "DiT (50 steps)", "AR (raster)")
 
 
 def count_params(overrides: list[str]) -> int:
@@ -50,22 +58,34 @@ def count_params(overrides: list[str]) -> int:
     return sum(p.numel() for p in build_experiment(cfg).generator.parameters())
 
 
+def closest_width(count, target: int, widths) -> int:
+    """The width in ``widths`` (ascending) whose ``count(width)`` is closest to ``target``;
+    a binary search, since parameter counts grow with width."""
+    widths, lo = list(widths), 0
+    hi = len(widths) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(widths[mid]) < target else (lo, mid)
+    return min(widths[max(lo - 1, 0) : lo + 1], key=lambda w: abs(count(w) - target))
+
+
+def with_width(overrides: list[str], width: int) -> list[str]:
+    return overrides + [f"scale_module.params.width={width}", f"scale_module.params.head_width={width}"]
+
+
 def matched(overrides: list[str], target: int) -> list[str]:
     """Overrides plus the width (transformer and head, multiples of 8) closest to ``target`` params."""
-    best = None
-    for width in range(32, 321, 8):
-        ov = overrides + [f"scale_module.params.width={width}", f"scale_module.params.head_width={width}"]
-        n = count_params(ov)
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (ov, n)
-        if n > target:
-            break
-    return best[0]
+    width = closest_width(lambda w: count_params(with_width(overrides, w)), target, range(32, 321, 8))
+    return with_width(overrides, width)
 
 
-def plans(tokens: int = 64) -> dict[str, list[str]]:
-    """Every variant's overrides, widths matched to ``MATCH_TO``'s parameter count."""
+def plans(tokens: int = 64, match: str = "total") -> dict[str, list[str]]:
+    """Every variant's overrides, matched as ``match`` says (a key of ``MATCHES``)."""
     table = variants(tokens)
+    if match == "per_step":
+        return table
+    if match != "total":
+        raise ValueError(f"match must be one of {', '.join(MATCHES)}; got {match!r}")
     target = count_params(table[MATCH_TO])
     return {label: (ov if label == MATCH_TO else matched(ov, target)) for label, ov in table.items()}
 
