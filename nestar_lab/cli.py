@@ -13,22 +13,36 @@
     nestar describe CONFIG             tokens, modules, sequential steps, parameter counts
     nestar ref-stats CONFIG --out FILE.npz [--split train|test]   ADM-layout reference statistics
     nestar plugins                     every registered plugin: kind, name, provider
+
+Every failure ends with one line on stderr (one per problem for a config) and an exit code:
+2 bad input, 1 failed run, 130 SIGINT, 143 SIGTERM (``nestar_lab.errors``); ``--debug`` (before
+or after the command) or ``NESTAR_DEBUG=1`` also prints the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from nestar_lab.config import ConfigError, apply_overrides, validate_config
-from nestar_lab.registry import PluginError
+from nestar_lab.config import apply_overrides, validate_config
+from nestar_lab.errors import describe, exit_code_for_signal
+
+#: the batch-size setting of the work in progress, named when memory runs out
+_context: dict[str, str | None] = {"batch": None}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestar", description="Nested AutoRegressive models: a research sandbox")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: NESTAR_DEBUG=1)")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[debug, *kw.pop("parents", [])], **kw)
 
     def add_set(sp):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -78,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="Optuna studies: run, report")
     st_sub = st.add_subparsers(dest="study_command", required=True)
+    _add_study_parser = st_sub.add_parser
+    st_sub.add_parser = lambda *a, **kw: _add_study_parser(*a, parents=[debug, *kw.pop("parents", [])], **kw)
     sr = st_sub.add_parser("run", help="run (or continue) a study")
     sr.add_argument("study", help="studies/NAME.yaml or NAME")
     sr.add_argument("--trials", type=int, default=None, help="total trials (default: the study's)")
@@ -103,35 +119,55 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error ends as one line on stderr and an exit code (see ``errors``)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = _parser().parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.argv = argv
+    debug = args.debug or os.environ.get("NESTAR_DEBUG", "").strip() not in ("", "0")
+    _context["batch"] = None
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(f"config error: {line}", file=sys.stderr)
-        return 2
-    except (PluginError, FileNotFoundError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        if debug:
+            traceback.print_exc()
+        code, lines = describe(exc, batch_hint=_context["batch"])
+        for line in lines:
+            print(line, file=sys.stderr)
+        return code
     finally:  # under torchrun: leave the process group cleanly (gloo aborts a process exiting inside one)
         from nestar_lab.distributed import shutdown
 
         shutdown()
 
 
+def _warn_plugin_problems() -> None:
+    """One warning line per plugin package that failed to load (once a config did not need it)."""
+    from nestar_lab.registry import get_registry
+
+    get_registry().warn_problems(sys.stderr)
+
+
+def _interrupted(exc: BaseException) -> int:
+    """Print the resume hint; 130 for SIGINT (or a requested stop), 143 for SIGTERM."""
+    print(str(exc), file=sys.stderr)
+    return exit_code_for_signal(getattr(exc, "signum", None))
+
+
 def _cfg_from(path: str, overrides: list[str]):
     from nestar_lab.config import read_yaml
 
-    return validate_config(apply_overrides(read_yaml(path), overrides))
+    cfg = validate_config(apply_overrides(read_yaml(path), overrides))
+    _warn_plugin_problems()
+    return cfg
 
 
 def _run_cfg(run_dir: str, overrides: list[str]):
     from nestar_lab.rundir import CONFIG, load_run_config
 
     if not overrides:
-        return load_run_config(run_dir)
+        cfg = load_run_config(run_dir)
+        _warn_plugin_problems()
+        return cfg
     load_run_config(run_dir)  # a clear error if this is not a run
     return _cfg_from(str(Path(run_dir) / CONFIG), overrides)
 
@@ -144,14 +180,15 @@ def cmd_train(args) -> int:
         return 2
     if args.distributed:
         return _relaunch_with_torchrun(args)
+    cfg = _run_cfg(args.resume, args.overrides) if args.resume else _cfg_from(args.config, args.overrides)
+    _context["batch"] = f"train.batch_size={cfg.train.batch_size}"
     try:
         if args.resume:
-            result = train(_run_cfg(args.resume, args.overrides), args.resume, resume=True)
+            result = train(cfg, args.resume, resume=True)
         else:
-            result = train(_cfg_from(args.config, args.overrides), args.run_dir)
+            result = train(cfg, args.run_dir)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 130
+        return _interrupted(exc)
     from nestar_lab.distributed import current
 
     if current().is_main:
@@ -202,12 +239,13 @@ def cmd_run(args) -> int:
     from nestar_lab.train import TrainingInterrupted, load_trained, train
 
     cfg = _cfg_from(args.config, args.overrides)
+    _context["batch"] = f"train.batch_size={cfg.train.batch_size}"
     try:
         result = train(cfg, args.run_dir)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 130
+        return _interrupted(exc)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step)")
+    _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
     return _evaluate_and_print(load_trained(result.run_dir), result.run_dir)
 
 
@@ -215,6 +253,7 @@ def cmd_eval(args) -> int:
     from nestar_lab.train import load_trained
 
     cfg = _run_cfg(args.run_dir, args.overrides)
+    _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
     return _evaluate_and_print(load_trained(args.run_dir, cfg=cfg), args.run_dir)
 
 
@@ -237,7 +276,9 @@ def cmd_sample(args) -> int:
     from nestar_lab.evaluate import make_sampler, save_grid
     from nestar_lab.train import load_trained
 
-    exp = load_trained(args.run_dir, cfg=_run_cfg(args.run_dir, args.overrides))
+    cfg = _run_cfg(args.run_dir, args.overrides)
+    _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
+    exp = load_trained(args.run_dir, cfg=cfg)
     classes = exp.dataset.num_classes
     per_class = max(1, args.num // classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
@@ -338,7 +379,9 @@ def cmd_ref_stats(args) -> int:
 def cmd_plugins(args) -> int:
     from nestar_lab.registry import get_registry
 
-    infos = get_registry().all()
+    registry = get_registry()
+    registry.warn_problems(sys.stderr)
+    infos = registry.all()
     w_kind = max(len(i.kind) for i in infos)
     w_name = max(len(i.name) for i in infos)
     for info in infos:

@@ -3,11 +3,18 @@
 Every part of an experiment is ``{name: ..., params: {...}}``; the plugin's own ``Params``
 model validates ``params``. :func:`load_config` checks everything (structure, plugin names,
 plugin params, rules across parts) before any work starts and raises :class:`ConfigError`
-with one readable line per problem.
+with one readable line per problem, all problems of the structure and of every plugin's params
+in one pass (rules across parts are checked once every part is valid on its own).
+
+Values are strict: numbers are finite (no ``.inf``/``.nan``), an integer field takes an integer
+(not ``true``, not ``"4"``, not ``4.0``), a float field takes a float or an integer, a string is
+never read as a number. YAML is read with YAML 1.2 floats, so ``lr: 3e-4`` is a number.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,12 +22,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nestar_lab.errors import BadInput
 from nestar_lab.flow import FlowConfig
 from nestar_lab.registry import PluginError, get_registry
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentSpec(Strict):
@@ -139,63 +147,184 @@ class ExperimentConfig(Strict):
     metrics: list[ComponentSpec] = Field(default_factory=list)
 
 
-class ConfigError(ValueError):
-    """A config is invalid; ``lines`` holds one readable line per problem."""
+class ConfigError(BadInput, ValueError):
+    """A config is invalid; ``lines`` holds one readable line per problem (exit code 2)."""
 
     def __init__(self, lines: list[str]):
         self.lines = lines
         super().__init__("\n".join(lines))
 
 
-def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
+def _error_items(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted path, readable line)`` for every problem pydantic found."""
+    items = []
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         given = e.get("input")
         given_s = "nothing" if e["type"] == "missing" else repr(given)
         if len(given_s) > 60:
             given_s = given_s[:57] + "..."
-        lines.append(f"{path or '<config>'}: got {given_s}; {e['msg'][0].lower() + e['msg'][1:]}")
-    return lines
+        items.append((path, f"{path or '<config>'}: got {given_s}; {e['msg'][0].lower() + e['msg'][1:]}"))
+    return items
+
+
+def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
+    return [line for _, line in _error_items(err, prefix)]
+
+
+def _non_finite(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every inf/nan float inside ``value`` (nested dicts and lists), with its dotted path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in _non_finite(v, f"{path}.{i}" if path else str(i))]
+    return []
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """JSON types for what YAML or a caller may put in a config (numpy scalars, tuples, paths, dates)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def strict_validate(model: type[BaseModel], raw: Any, prefix: str, errors: list[str]) -> BaseModel | None:
+    """``model`` validated strictly from ``raw``, or None after appending one line per problem to ``errors``.
+
+    Strict: pydantic's strict mode on the JSON form of ``raw`` (so lists still fill tuples and
+    strings fill enums, but ``true`` is no integer and ``"4"`` no number), and no inf/nan anywhere.
+    """
+    raw = _plain(raw)
+    bad = _non_finite(raw, prefix)
+    errors.extend(f"{path}: got {value!r}; must be a finite number" for path, value in bad)
+    text = json.dumps(_finite_or_none(raw), allow_nan=False)
+    try:
+        model_obj = model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        hidden = [path for path, _ in bad]  # a replaced non-finite value is reported once, above
+        errors.extend(
+            line for path, line in _error_items(exc, prefix)
+            if not any(path == h or path.startswith(h + ".") for h in hidden)
+        )  # fmt: skip
+        return None
+    return None if bad else model_obj
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place.
+
+    A number indexes an existing list item: ``metrics.0.params.epochs=5``.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError([f"--set {item!r}: expected KEY=VALUE, e.g. generator.params.k=4"])
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError([f"--set {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping"])
-            node = child
-        node[parts[-1]] = _parse_value(value)
+        if not all(parts):
+            raise ConfigError([f"--set {item!r}: empty part in {key.strip()!r}; expected e.g. generator.params.k=4"])
+        node: Any = raw
+        for i, part in enumerate(parts):
+            here = ".".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ConfigError([f"--set {key}: {here}: the list has {len(node)} items (indices 0..{len(node) - 1})"])
+                if last:
+                    node[int(part)] = _parse_value(value)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse_value(value)
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError([f"--set {key}: {'.'.join(parts[:i])} is {node!r}, not a mapping"])
     return raw
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``3e-4`` and ``1.0e5`` are numbers, not strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values (safe; YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _parse_value(text: str) -> Any:
-    """YAML scalars and flow collections; also ``3e-4``, which YAML 1.1 reads as a string."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-        return float(value)
-    return value
+    """YAML scalars and flow collections (``3e-4`` is a float, ``true`` a bool, ``[1, 2]`` a list)."""
+    return load_yaml(text)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or a one-line :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"{path}: no such config file"])
+        what = "a directory, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError([f"{path}: {what}"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a text file; expected a YAML config"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of config sections, got {type(raw).__name__}"])
     return raw
+
+
+def _as_spec(value: Any) -> ComponentSpec | None:
+    try:
+        return ComponentSpec.model_validate(value)
+    except ValidationError:
+        return None  # the structural check reports it
+
+
+def _component_specs(raw: dict[str, Any], cfg: ExperimentConfig | None) -> list[tuple[str, str, ComponentSpec]]:
+    """``(where, kind, spec)`` of every part; from ``raw`` when the structure has problems elsewhere."""
+    if cfg is not None:
+        parts = [(field, kind, getattr(cfg, field)) for field, kind in COMPONENT_KINDS.items()]
+        return parts + [(f"metrics.{i}", "metric", spec) for i, spec in enumerate(cfg.metrics)]
+    parts = []
+    for field, kind in COMPONENT_KINDS.items():
+        default = ExperimentConfig.model_fields[field].default
+        spec = _as_spec(raw.get(field, default)) if field in raw or isinstance(default, ComponentSpec) else None
+        if spec is not None:
+            parts.append((field, kind, spec))
+    metrics = raw.get("metrics", [])
+    for i, value in enumerate(metrics if isinstance(metrics, list) else []):
+        spec = _as_spec(value)
+        if spec is not None:
+            parts.append((f"metrics.{i}", "metric", spec))
+    return parts
 
 
 def _resolve_component(where: str, kind: str, spec: ComponentSpec, errors: list[str]) -> ComponentSpec:
@@ -204,30 +333,27 @@ def _resolve_component(where: str, kind: str, spec: ComponentSpec, errors: list[
     except PluginError as exc:
         errors.append(f"{where}.name: {exc}")
         return spec
-    try:
-        params = cls.Params.model_validate(spec.params)
-    except ValidationError as exc:
-        errors.extend(_error_lines(exc, f"{where}.params"))
+    params = strict_validate(cls.Params, spec.params, f"{where}.params", errors)
+    if params is None:
         return spec
     return ComponentSpec(name=spec.name, params=params.model_dump(mode="json"))
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw config dict completely; raise :class:`ConfigError` listing every problem."""
-    try:
-        cfg = ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_error_lines(exc)) from None
+    """Validate a raw config dict completely; raise :class:`ConfigError` listing every problem.
+
+    One pass reports the problems of the structure and of every part's params together; the
+    rules across parts (e.g. token count against ``k``) run once every part is valid.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<config>: expected a mapping of config sections, got {type(raw).__name__}"])
     errors: list[str] = []
-    updates = {
-        field: _resolve_component(field, kind, getattr(cfg, field), errors)
-        for field, kind in COMPONENT_KINDS.items()
-    }
-    updates["metrics"] = [
-        _resolve_component(f"metrics.{i}", "metric", spec, errors) for i, spec in enumerate(cfg.metrics)
-    ]
-    if errors:
-        raise ConfigError(errors)
+    cfg = strict_validate(ExperimentConfig, raw, "", errors)
+    resolved = {where: _resolve_component(where, kind, spec, errors) for where, kind, spec in _component_specs(raw, cfg)}
+    if errors or cfg is None:
+        raise ConfigError(list(dict.fromkeys(errors)))  # a non-finite plugin param is seen by both passes
+    updates: dict[str, Any] = {field: resolved[field] for field in COMPONENT_KINDS}
+    updates["metrics"] = [resolved[f"metrics.{i}"] for i in range(len(cfg.metrics))]
     cfg = cfg.model_copy(update=updates)
     from nestar_lab.experiment import check_compatibility
 

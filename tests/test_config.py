@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import yaml
 import pytest
+from pydantic import ValidationError
 
 from nestar_lab.cli import main
-from nestar_lab.config import ConfigError, apply_overrides, load_config, validate_config
+from nestar_lab.config import ConfigError, TrainConfig, apply_overrides, load_config, read_yaml, validate_config
+from nestar_lab.registry import get_registry
 
 
 def errors_of(raw) -> list[str]:
@@ -77,3 +81,69 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path, tiny_raw, capsys):
 def test_cli_missing_file(capsys):
     assert main(["train", "no/such.yaml"]) == 2
     assert "no/such.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_every_part_and_layer_reported_in_one_pass(tiny_raw):
+    tiny_raw["train"]["lr"] = float("inf")
+    tiny_raw["train"]["steps"] = True
+    tiny_raw["generator"]["params"]["k"] = "four"
+    tiny_raw["metrics"][0]["params"]["epochs"] = 1.5
+    lines = errors_of(tiny_raw)
+    assert [line.split(":")[0] for line in lines] == ["train.lr", "train.steps", "generator.params.k", "metrics.0.params.epochs"]
+    assert lines[0] == "train.lr: got inf; must be a finite number"
+
+
+def test_a_non_finite_plugin_param_is_one_line(tiny_raw):
+    tiny_raw["scale_module"]["params"]["mlp_ratio"] = float("nan")
+    assert errors_of(tiny_raw) == ["scale_module.params.mlp_ratio: got nan; must be a finite number"]
+
+
+def test_strict_types(tiny_raw):
+    tiny_raw["train"].update(lr=1, batch_size="32")  # an int fills a float; a string is no number
+    tiny_raw["data"] = {"hflip": 1}
+    lines = errors_of(tiny_raw)
+    assert [line.split(":")[0] for line in lines] == ["train.batch_size", "data.hflip"]
+    del tiny_raw["train"]["batch_size"], tiny_raw["data"]
+    cfg = validate_config(tiny_raw)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_lists_still_fill_tuples(tiny_raw):
+    tiny_raw["train"]["betas"] = [0.8, 0.9]
+    assert validate_config(tiny_raw).train.betas == (0.8, 0.9)
+
+
+def test_core_models_refuse_inf_in_python_too():
+    with pytest.raises(ValidationError):
+        TrainConfig(lr=math.inf)
+
+
+def test_yaml_floats_are_yaml_1_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 3e-4, weight_decay: 1.0e-2, steps: 10}\nname: 1e3x\n")
+    raw = read_yaml(path)
+    assert raw == {"train": {"lr": 3e-4, "weight_decay": 1e-2, "steps": 10}, "name": "1e3x"}
+
+
+def test_overrides_index_lists():
+    raw = {"metrics": [{"name": "a"}, {"name": "b", "params": {}}]}
+    apply_overrides(raw, ["metrics.1.params.epochs=3"])
+    assert raw["metrics"][1]["params"] == {"epochs": 3}
+    with pytest.raises(ConfigError, match="metrics.2: the list has 2 items"):
+        apply_overrides(raw, ["metrics.2.name=c"])
+
+
+def test_default_params_of_every_plugin_pass_the_strict_check():
+    from nestar_lab.config import strict_validate
+
+    checked = 0
+    for info in get_registry().all():
+        try:
+            params = info.cls.Params()
+        except ValidationError:
+            continue  # has required fields (e.g. a weights path)
+        errors = []
+        again = strict_validate(info.cls.Params, params.model_dump(mode="json"), info.name, errors)
+        assert errors == [] and again == params, (info.kind, info.name, errors)
+        checked += 1
+    assert checked > 20

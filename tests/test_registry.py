@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -36,8 +37,27 @@ def test_duplicate_name_names_both_providers():
         def nestar_register_ode_solvers(self):
             return {"euler": object}
 
-    with pytest.raises(PluginError, match=r"two ode_solver plugins are named 'euler': one from nestar-lab 0.1.0 \(ode_solvers\), one from .*Extra"):
-        Registry(make_manager(extra_plugins=(Extra(),)))
+    reg = Registry(make_manager(extra_plugins=(Extra(),)))  # the other plugins stay usable
+    both = r"two ode_solver plugins are named 'euler': one from nestar-lab 0.1.0 \(ode_solvers\), one from .*Extra"
+    with pytest.raises(PluginError, match=both):
+        reg.get("ode_solver", "euler")
+    (problem,) = reg.problems  # reported once, one line
+    assert re.match(both, problem.message) and "\n" not in problem.message and not problem.broken
+    assert reg.get("ode_solver", "rk4") is get_registry().get("ode_solver", "rk4")
+
+
+def test_a_hook_that_raises_is_a_problem_not_a_crash():
+    class Raises:
+        @hookimpl
+        def nestar_register_metrics(self):
+            raise ImportError("needs a package that is missing")
+
+    reg = Registry(make_manager(extra_plugins=(Raises(),)))
+    (problem,) = reg.problems
+    assert "nestar_register_metrics failed (ImportError: needs a package that is missing)" in problem.message
+    with pytest.raises(PluginError, match="unknown metric 'x'.*perhaps it is in a package that failed to load"):
+        reg.get("metric", "x")
+    assert reg.names("ode_solver")
 
 
 def test_misspelt_hook_fails_loudly():
