@@ -7,6 +7,7 @@ ends with the same weights as one that never stopped (exactly, on the CPU).
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import statistics
@@ -22,27 +23,62 @@ from torch import Tensor
 from nestar_lab import distributed
 from nestar_lab.config import ExperimentConfig, TrainConfig
 from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_indices: public here too)
+from nestar_lab.errors import RunFailed, exit_code_for_signal
 from nestar_lab.experiment import Experiment, build_experiment
-from nestar_lab.rundir import load_checkpoint, new_run_dir, save_checkpoint, write_json
+from nestar_lab.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    LOG,
+    RESUMES,
+    SUMMARY,
+    RunDirError,
+    check_checkpoint_fits,
+    check_writable,
+    json_safe,
+    load_checkpoint,
+    new_run_dir,
+    os_reason,
+    save_checkpoint,
+    write_json,
+    write_run_config,
+    write_text,
+)
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training stopped early (signal or request); the checkpoint holds the last step."""
+    """Training stopped early (signal or request); the checkpoint holds the last step.
+    ``signum``: the signal that stopped it (None for a request); ``exit_code``: 128 + it."""
 
-    def __init__(self, run_dir: Path, step: int):
-        self.run_dir, self.step = run_dir, step
+    def __init__(self, run_dir: Path, step: int, signum: int | None = None):
+        self.run_dir, self.step, self.signum = run_dir, step, signum
+        self.exit_code = exit_code_for_signal(signum)
         super().__init__(f"interrupted at step {step}; resume with: nestar train --resume {run_dir}")
+
+
+class TrainingFailed(RunFailed, RuntimeError):
+    """A run that cannot go on (non-finite losses or gradients for ``train.max_nonfinite_steps``
+    steps in a row, weights that became non-finite, a run file that could not be written).
+    The message is one line naming the step or file and the last good checkpoint, which is
+    left intact. Exit code 1 on the command line."""
+
+    def __init__(self, message: str, run_dir: Path | None = None, step: int | None = None):
+        self.run_dir, self.step = run_dir, step
+        super().__init__(message)
 
 
 @dataclass
 class TrainResult:
-    """Where the run lives and what training cost."""
+    """Where the run lives and what training cost (``seconds``: this segment; ``total_seconds``:
+    every segment of the run). ``already_finished``: a resume found nothing left to train."""
 
     run_dir: Path
     steps: int
     seconds: float
     step_ms_median: float
     final_loss: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+    total_seconds: float = 0.0
+    already_finished: bool = False
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -77,11 +113,12 @@ class EMA:
 class _StopFlag:
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     @contextmanager
     def on_signals(self):
         def handler(signum, frame):
-            self.requested = True
+            self.requested, self.signum = True, signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -96,11 +133,22 @@ def train(
     run_dir: str | Path | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
     stop_at_step: int | None = None,
     progress: bool = True,
     callbacks: list[Callable[[int, Experiment], None]] = (),
 ) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (a new one when None); ``resume`` continues its checkpoint.
+
+    A ``run_dir`` that already holds a run is refused unless ``resume`` or ``overwrite`` (which
+    clears the old run first); it must be writable (:class:`~nestar_lab.rundir.RunDirError`).
+    Resuming cuts ``train_log.jsonl`` back to the checkpoint's step, records config changes
+    (``config.yaml`` rewritten, an entry in ``resumes.jsonl``; ``overrides``: the ``--set``
+    items that made them), and a run already at ``train.steps`` is returned untouched
+    (``already_finished``). A step whose loss or gradient is not finite is skipped (no
+    optimiser or EMA update) and counted; ``train.max_nonfinite_steps`` in a row raise
+    :class:`TrainingFailed`, with no checkpoint written since the streak began.
 
     ``stop_at_step`` interrupts after that many steps exactly as SIGINT would (for tests).
     ``callbacks(step, exp)`` run after every step (e.g. a study's pruning check); what they
@@ -108,23 +156,56 @@ def train(
     this function: DDP averages gradients, rank 0 alone writes the run directory.
     """
     info = distributed.init(cfg.distributed.backend) if distributed.launched_by_torchrun() else distributed.current()
-    run_dir = _shared_run_dir(cfg, run_dir, resume, info)
+    tc = cfg.train
+    state = None
+    if resume:
+        state = load_checkpoint(run_dir)  # on the CPU, as a fresh optimiser keeps its step counts
+        if int(state["step"]) >= tc.steps:
+            return _already_finished(Path(run_dir), state, tc, info)
+    run_dir = _shared_run_dir(cfg, run_dir, resume, overwrite, info)
     exp = build_experiment(cfg)
-    gen, tc, device = exp.generator, cfg.train, exp.device
+    gen, device = exp.generator, exp.device
     model = _wrap_ddp(exp, info)
     opt, ema = make_optimizer(exp)
     step = 0
-    if resume:
-        state = load_checkpoint(run_dir, map_location=device)
+    book = {"seconds": 0.0, "segments": [], "nonfinite_skipped": 0, "nonfinite_streak": 0}
+    changes: dict = {}
+    if state is not None:
+        check_checkpoint_fits(state, gen.state_dict(), run_dir)
         gen.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
         step = int(state["step"])
+        book.update(state.get("run") or _book_from_summary(run_dir))
+        if info.is_main:
+            changes = _record_resume(cfg, run_dir, step, overrides)
+            _cut_log(run_dir, step)
+    segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step, "seconds": 0.0}
+    if changes:
+        segment["changes"] = changes
+    skipped_total, streak = int(book["nonfinite_skipped"]), int(book["nonfinite_streak"])
+    last_good = step if state is not None else None  # step of the checkpoint on disk
+    start = time.perf_counter()
 
     def checkpoint():
+        nonlocal last_good
+        segment.update(end_step=step, seconds=time.perf_counter() - start)
+        _check_weights_finite(gen, ema, run_dir, step, last_good)  # every rank: their weights are equal
+        error = None
         if info.is_main:
-            state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow}
-            save_checkpoint(run_dir, state)
+            run = {"seconds": book["seconds"] + segment["seconds"], "segments": [*book["segments"], dict(segment)],
+                   "nonfinite_skipped": skipped_total, "nonfinite_streak": streak}  # fmt: skip
+            state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+                     "run": run}  # fmt: skip
+            try:
+                with _writing(run_dir / CHECKPOINT, run_dir, last_good, "checkpoint not written"):
+                    save_checkpoint(run_dir, state)
+            except TrainingFailed as exc:
+                error = exc
+        if distributed.any_flag(error is not None, info, device):
+            raise error or TrainingFailed(f"rank 0 could not write {run_dir / CHECKPOINT} (see its message)",
+                                          run_dir, step)  # fmt: skip
+        last_good = step
 
     batches = train_batches(exp, step, info.rank, info.world)
     if info.is_main and info.enabled:
@@ -133,53 +214,207 @@ def train(
     bar = _progress(tc.steps, step, progress and info.is_main)
     times: list[float] = []
     last: dict[str, float] = {}
-    start = time.perf_counter()
+    pending = False  # a checkpoint due while non-finite steps were being skipped
     gen.train()
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
             tokens, labels = next(batches)
-            out = train_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank)
+            out, ok = _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info)
             step += 1
             times.append(time.perf_counter() - t0)
-            if step % tc.log_every == 0 or step == tc.steps:
+            streak = 0 if ok else streak + 1
+            skipped_total += 0 if ok else 1
+            if step % tc.log_every == 0 or step == tc.steps or not ok:
                 last = {k: float(v.detach()) for k, v in out.parts.items()} | {"total": float(out.total.detach())}
                 bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
                 if info.is_main:
-                    _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc))
+                    extra = {"nonfinite_skipped": skipped_total} | ({} if ok else {"skipped": True})
+                    with _writing(run_dir / LOG, run_dir, last_good, "log not written"):
+                        _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc), extra)
             bar.update(1)
+            if streak >= tc.max_nonfinite_steps:
+                bar.close()
+                raise TrainingFailed(_streak_message(run_dir, step, streak, tc, last_good), run_dir, step)
             for callback in callbacks:
                 callback(step, exp)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint()
+            if step % tc.checkpoint_every == 0 or step == tc.steps or pending:
+                pending = streak > 0 and step < tc.steps  # no checkpoint while a streak lasts
+                if not pending:
+                    checkpoint()
             stopping = stop_at_step is not None and step >= stop_at_step and step < tc.steps
             if distributed.any_flag(stop.requested or stopping, info, device):
                 checkpoint()
                 bar.close()
                 distributed.barrier(info)
-                raise TrainingInterrupted(run_dir, step)
+                raise TrainingInterrupted(run_dir, step, stop.signum)
     bar.close()
     seconds = time.perf_counter() - start
     warm = times[min(10, len(times) // 2) :] or times
-    result = TrainResult(run_dir, step, seconds, 1000 * statistics.median(warm) if warm else 0.0, last)
+    total = book["seconds"] + seconds
+    result = TrainResult(run_dir, step, seconds, 1000 * statistics.median(warm) if warm else 0.0, last,
+                         skipped_total, total)  # fmt: skip
     if info.is_main:
-        summary = {"steps": step, "seconds": seconds, "step_ms_median": result.step_ms_median, "final_loss": last,
-                   "world_size": info.world, "effective_batch_size": info.world * tc.batch_size}  # fmt: skip
-        write_json(run_dir / "train_summary.json", summary)
+        segment.update(end_step=step, seconds=seconds)
+        history = [*book["segments"], segment]
+        summary = {"steps": step, "seconds": total, "step_ms_median": result.step_ms_median, "final_loss": last,
+                   "world_size": info.world, "effective_batch_size": info.world * tc.batch_size,
+                   "nonfinite_skipped": skipped_total, "segments": len(history),
+                   "segment_history": history}  # fmt: skip
+        with _writing(run_dir / SUMMARY, run_dir, last_good, "summary not written"):
+            write_json(run_dir / SUMMARY, summary)
     distributed.barrier(info)
     return result
 
 
-def _shared_run_dir(cfg: ExperimentConfig, run_dir, resume: bool, info: distributed.DistInfo) -> Path:
-    """The run directory: made by rank 0 (a new one unless resuming), then told to every rank."""
-    if resume:
-        return Path(run_dir)
-    path = [str(new_run_dir(cfg, run_dir))] if info.is_main else [None]
+def _already_finished(run_dir: Path, state: dict, tc: TrainConfig, info: distributed.DistInfo) -> TrainResult:
+    """A resume with nothing left to train: no file is rewritten (a missing summary, from a run
+    killed between its last checkpoint and the summary, is written)."""
+    step = int(state["step"])
+    run = state.get("run") or {}
+    path = run_dir / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        segments = run.get("segments", [])
+        summary = {"steps": step, "seconds": run.get("seconds", 0.0), "step_ms_median": 0.0, "final_loss": {},
+                   "world_size": info.world, "effective_batch_size": info.world * tc.batch_size,
+                   "nonfinite_skipped": run.get("nonfinite_skipped", 0), "segments": len(segments),
+                   "segment_history": segments}  # fmt: skip
+        if info.is_main:
+            with _writing(path, run_dir, step, "summary not written"):
+                write_json(path, summary)
+    return TrainResult(run_dir, step, 0.0, float(summary.get("step_ms_median") or 0.0),
+                       summary.get("final_loss") or {}, int(summary.get("nonfinite_skipped") or 0),
+                       float(summary.get("seconds") or 0.0), already_finished=True)  # fmt: skip
+
+
+def _book_from_summary(run_dir: Path) -> dict:
+    """Run bookkeeping for a checkpoint written before checkpoints carried it."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        return {"seconds": float(summary.get("seconds") or 0.0), "segments": list(summary.get("segment_history") or [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _record_resume(cfg: ExperimentConfig, run_dir: Path, step: int, overrides: list[str] | None) -> dict:
+    """What a resume changed in the run's config (``{key: {"from": old, "to": new}}``): the new
+    ``config.yaml`` is written and the resume is appended to ``resumes.jsonl``."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    new = cfg.model_dump(mode="json")
+    changes = _diff(saved, new) if isinstance(saved, dict) else {}
+    with _writing(run_dir / CONFIG, run_dir, step, "config not written"):
+        if changes or not isinstance(saved, dict):
+            write_run_config(run_dir, cfg)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "overrides": list(overrides or []),
+             "changes": changes}  # fmt: skip
+    with _writing(run_dir / RESUMES, run_dir, step, "resume not recorded"):
+        with open(run_dir / RESUMES, "a") as f:
+            f.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
+    return changes
+
+
+def _diff(old, new, prefix: str = "") -> dict:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {}
+        for key in [*old, *(k for k in new if k not in old)]:
+            out |= _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return {} if old == new else {prefix.rstrip("."): {"from": old, "to": new}}
+
+
+def _cut_log(run_dir: Path, step: int) -> None:
+    """Cut ``train_log.jsonl`` back to the checkpoint's ``step`` (atomically), one line per step:
+    the steps a killed segment logged after its last checkpoint are trained, and logged, again."""
+    path = run_dir / LOG
+    if not path.is_file():
+        return
+    text = path.read_text()
+    rows: dict[int, str] = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # half a line from a kill
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows[row["step"]] = line  # a step logged twice (by an older version): the later line
+    new = "".join(rows[s] + "\n" for s in sorted(rows))
+    if new != text:
+        with _writing(path, run_dir, step, "log not cut back"):
+            write_text(path, new)
+
+
+@contextmanager
+def _writing(path: Path, run_dir: Path, last_good: int | None, what: str):
+    """Turn an ``OSError`` while writing ``path`` (a full disk, a permission change) into a
+    one-line :class:`TrainingFailed` naming the path, the OS's reason and the checkpoint kept."""
+    try:
+        yield
+    except OSError as exc:
+        kept = (f"the previous checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact"
+                if last_good is not None else "no checkpoint was written before")  # fmt: skip
+        raise TrainingFailed(
+            f"{path}: {what}: {os_reason(exc)}; {kept}; free space or fix the directory, then "
+            f"resume with `nestar train --resume {run_dir}`",
+            run_dir,
+        ) from exc
+
+
+def _streak_message(run_dir: Path, step: int, streak: int, tc: TrainConfig, last_good: int | None) -> str:
+    head = (f"training failed at step {step}: loss or gradient not finite for {streak} steps in a row "
+            f"(steps {step - streak + 1}-{step}, train.max_nonfinite_steps={tc.max_nonfinite_steps}); ")  # fmt: skip
+    if last_good is None:
+        return head + (f"no checkpoint was written before; start again with a lower train.lr "
+                       f"(`nestar train CONFIG --run-dir {run_dir} --overwrite --set train.lr=...`)")  # fmt: skip
+    return head + (f"the last good checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact; resume it with "
+                   f"a lower train.lr (`nestar train --resume {run_dir} --set train.lr=...`)")  # fmt: skip
+
+
+def _check_weights_finite(gen, ema: EMA, run_dir: Path, step: int, last_good: int | None) -> None:
+    """Before a checkpoint: weights that became non-finite (a finite gradient times a huge
+    learning rate) never reach the file; training cannot recover from them."""
+    tensors = [p.detach() for p in gen.parameters()] + list(ema.shadow.values())
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    where = (f"the last good checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact; resume it"
+             if last_good is not None else "no checkpoint was written before; start again")  # fmt: skip
+    raise TrainingFailed(
+        f"training failed at step {step}: the weights became non-finite (the learning rate is too large for "
+        f"them); {where} with a lower train.lr",
+        run_dir,
+        step,
+    )
+
+
+def _shared_run_dir(cfg: ExperimentConfig, run_dir, resume: bool, overwrite: bool, info: distributed.DistInfo) -> Path:
+    """The run directory, checked (a new one refuses an existing run unless ``overwrite``; any
+    must be writable) and made by rank 0, then told to every rank (with rank 0's error, if any)."""
+    path, error = None, None
+    if info.is_main:
+        try:
+            path = str(check_writable(run_dir) if resume else new_run_dir(cfg, run_dir, overwrite=overwrite))
+        except Exception as exc:  # noqa: BLE001  (told to the other ranks, then raised)
+            error = exc
     if info.enabled:
         import torch.distributed as dist
 
-        dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
+        told = None if error is None else (isinstance(error, ValueError), str(error).splitlines()[0])
+        shared = [path, told]
+        dist.broadcast_object_list(shared, src=0)
+        path, told = shared
+        if told is not None and error is None:  # another rank: the same failure, as one line
+            error = RunDirError(told[1]) if told[0] else TrainingFailed(f"rank 0 failed: {told[1]}")
+    if error is not None:
+        raise error
+    return Path(path)
 
 
 def _wrap_ddp(exp: Experiment, info: distributed.DistInfo):
@@ -207,9 +442,18 @@ def active_stages(step: int, num_stages: int, cfg: TrainConfig) -> set[int] | No
 def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None, rank: int = 0):
     """One optimiser step at ``step`` on a batch of tokens: label dropout, losses (one forward
     pass per module, through ``model``: the generator or its DDP wrapper), clip, AdamW, EMA.
+    A step whose loss or gradient is not finite changes nothing (see :func:`_guarded_step`).
 
     On logging steps the velocity disagreement of adjacent modules is measured too.
     """
+    return _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=rank)[0]
+
+
+def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None,
+                  rank: int = 0, info: distributed.DistInfo | None = None):  # fmt: skip
+    """:func:`train_step`, returning ``(losses, applied)``: when the total loss or the gradient
+    norm is not finite (on any rank), the optimiser and EMA updates are skipped and the
+    gradients dropped. One device-side check and one host sync per step."""
     cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
     model = model if model is not None else exp.generator
     rng = step_generator(cfg.seed, step, device, rank)
@@ -227,10 +471,21 @@ def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, s
     opt.zero_grad(set_to_none=True)
     out.total.backward()
     if tc.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(exp.generator.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(exp.generator.parameters(), tc.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in exp.generator.parameters() if p.grad is not None])
+    bad = ~(torch.isfinite(out.total.detach()) & torch.isfinite(norm.to(out.total.device)))
+    if info is not None and info.enabled:  # a rank's own loss may be the only non-finite value
+        import torch.distributed as dist
+
+        bad = bad.float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad):
+        opt.zero_grad(set_to_none=True)
+        return out, False
     opt.step()
     ema.update(dict(exp.generator.named_parameters()), step)
-    return out
+    return out, True
 
 
 @torch.no_grad()
@@ -256,17 +511,20 @@ def make_optimizer(exp: Experiment):
     return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
 
 
-def _append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float) -> None:
-    import json
-
-    with open(run_dir / "train_log.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "lr": lr, **losses}) + "\n")
+def _append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float, extra: dict | None = None) -> None:
+    """One JSON line per logged step; non-finite values are written as null (valid JSON)."""
+    row = json_safe({"step": step, "lr": lr, **losses, **(extra or {})})
+    with open(run_dir / LOG, "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log file, a test), where the one
+    # line of an error message should stand alone
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="train", unit="step",
+                dynamic_ncols=True)  # fmt: skip
 
 
 def load_trained(run_dir: str | Path, use_ema: bool = True, cfg: ExperimentConfig | None = None) -> Experiment:
