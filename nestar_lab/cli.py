@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="experiment YAML")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--run-dir", help="where to put the run (default: output_dir/name-time)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --run-dir (its files are removed)")
     t.add_argument("--distributed", type=int, metavar="N", default=None,
                    help="launch N processes with torchrun on this machine (DDP; one per GPU)")  # fmt: skip
     add_set(t)
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train, then sample and evaluate")
     r.add_argument("config")
     r.add_argument("--run-dir")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --run-dir")
     add_set(r)
 
     s = sub.add_parser("sample", help="write a grid of samples (one row per class)")
@@ -173,10 +175,13 @@ def _run_cfg(run_dir: str, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
-    from nestar_lab.train import TrainingInterrupted, train
+    from nestar_lab.train import TrainingFailed, TrainingInterrupted, train
 
     if bool(args.config) == bool(args.resume):
         print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
+        return 2
+    if args.resume and args.overwrite:
+        print("error: give either --resume RUN_DIR or --overwrite, not both", file=sys.stderr)
         return 2
     if args.distributed:
         return _relaunch_with_torchrun(args)
@@ -184,13 +189,20 @@ def cmd_train(args) -> int:
     _context["batch"] = f"train.batch_size={cfg.train.batch_size}"
     try:
         if args.resume:
-            result = train(cfg, args.resume, resume=True)
+            result = train(cfg, args.resume, resume=True, overrides=args.overrides)
         else:
-            result = train(cfg, args.run_dir)
+            result = train(cfg, args.run_dir, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         return _interrupted(exc)
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     from nestar_lab.distributed import current
 
+    if result.already_finished:
+        if current().is_main:
+            print(f"{result.run_dir}: already finished ({result.steps} steps); nothing to do")
+        return 0
     if current().is_main:
         print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step): {result.run_dir}")
     return 0
@@ -236,14 +248,17 @@ def cmd_cache_latents(args) -> int:
 
 def cmd_run(args) -> int:
     from nestar_lab.evaluate import evaluate
-    from nestar_lab.train import TrainingInterrupted, load_trained, train
+    from nestar_lab.train import TrainingFailed, TrainingInterrupted, load_trained, train
 
     cfg = _cfg_from(args.config, args.overrides)
     _context["batch"] = f"train.batch_size={cfg.train.batch_size}"
     try:
-        result = train(cfg, args.run_dir)
+        result = train(cfg, args.run_dir, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         return _interrupted(exc)
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.step_ms_median:.0f} ms/step)")
     _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
     return _evaluate_and_print(load_trained(result.run_dir), result.run_dir)

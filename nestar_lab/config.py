@@ -55,6 +55,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(
+        10, ge=1, description="steps in a row with a non-finite loss or gradient (each skipped) before the run fails"
+    )
     module_schedule: Literal["joint", "progressive"] = Field(
         "joint", description="progressive: modules pre-trained one at a time, then jointly"
     )
