@@ -105,7 +105,7 @@ def run_one(cfg, run_dir: Path) -> dict:
     elif (run_dir / CHECKPOINT).is_file():
         train(cfg, run_dir, resume=True, progress=False)
     else:
-        train(cfg, run_dir, progress=False)
+        train(cfg, run_dir, progress=False, overwrite=True)  # a run killed before its first checkpoint
     return evaluate(load_trained(run_dir), run_dir)
 
 
