@@ -53,6 +53,12 @@ def path_sample(x1: Tensor, x0: Tensor, t: Tensor) -> PathSample:
     return PathSample(x0=x0, x1=x1, t=t, y_t=tt * x1 + (1 - tt) * x0, target=x1 - x0)
 
 
+def data_estimate(y_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """The one-step data estimate ``x1_hat = y_t + (1 - t) v`` of a velocity ``v`` at ``(y_t, t)``
+    (exact for the straight path when ``v`` is the true velocity); ``t`` lacks the feature dim."""
+    return y_t + (1 - t).unsqueeze(-1) * v
+
+
 def draw_path(
     x1_BLd: Tensor, flow: FlowConfig, rng: torch.Generator, groups_L: Tensor | None, draws: int | None = None
 ) -> PathSample:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from nestar_lab import distributed
 from nestar_lab.config import ExperimentConfig, TrainConfig
@@ -504,10 +504,25 @@ def validation_loss(exp: Experiment, num_images: int = 256, seed: int = 0) -> fl
     return float(sum(v for k, v in parts.items() if k.startswith("flow_")))
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the weights of linear and convolution layers only;
+    none on biases, norm scales, embeddings and learned tokens or positions (decaying those pulls
+    rare classes' and positions' vectors to zero rather than regularising a mapping)."""
+    decayed = {
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    }
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(exp: Experiment):
-    """AdamW over the generator and an EMA of its parameters."""
+    """AdamW over the generator (:func:`decay_groups`) and an EMA of its parameters."""
     tc = exp.cfg.train
-    opt = torch.optim.AdamW(exp.generator.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(decay_groups(exp.generator, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from nestar_lab.config import SampleConfig
 from nestar_lab.experiment import build_experiment
-from nestar_lab.flow import FlowConfig, guided_velocity, path_sample
+from nestar_lab.flow import FlowConfig, data_estimate, guided_velocity, path_sample
 from nestar_lab.losses import training_losses
 from nestar_lab.sample import Sampler, sample_tokens
 
@@ -17,6 +17,20 @@ def test_path_conventions():
     assert torch.allclose(path_sample(x1, x0, torch.zeros(2, 3)).y_t, x0)
     assert torch.allclose(path_sample(x1, x0, torch.ones(2, 3)).y_t, x1)
     assert torch.allclose(path_sample(x1, x0, torch.rand(2, 3)).target, x1 - x0)
+
+
+def test_the_data_estimate_of_the_true_velocity_is_the_data_and_data_matching_uses_it():
+    from nestar_lab.interfaces import CoordinationPair
+    from nestar_lab.registry import get_registry
+
+    x1, x0, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(2, 3)
+    path = path_sample(x1, x0, t)
+    torch.testing.assert_close(data_estimate(path.y_t, t, path.target), x1)
+    cls = get_registry().get("coordination_objective", "data_matching")
+    v_fine, v_coarse = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    loss = cls(cls.Params(weight=1.0))([CoordinationPair(1, v_fine, v_coarse, path.y_t, t)])
+    weighted = ((1 - t).unsqueeze(-1) ** 2 * (v_fine - v_coarse) ** 2).mean()  # velocity matching x (1 - t)^2
+    torch.testing.assert_close(loss, weighted)
 
 
 def test_loss_goes_down_on_a_small_batch(tiny_cfg):

@@ -73,3 +73,25 @@ def test_batches_cover_an_epoch_without_repeats():
     seen = torch.cat([batch_indices(s, 100, 32, seed=1) for s in range(3)])
     assert len(set(seen.tolist())) == 96
     assert torch.equal(batch_indices(5, 100, 32, 1), batch_indices(5, 100, 32, 1))
+
+
+def test_weight_decay_spares_biases_norms_embeddings_and_learned_tokens(tiny_raw):
+    from nestar_lab.config import validate_config
+    from nestar_lab.experiment import build_experiment
+    from nestar_lab.train import make_optimizer
+
+    tiny_raw["train"]["weight_decay"] = 0.05
+    exp = build_experiment(validate_config(tiny_raw))
+    opt, _ = make_optimizer(exp)
+    names = {id(p): n for n, p in exp.generator.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    decayed, spared = by_decay[0.05], by_decay[0.0]
+    assert decayed and spared and not decayed & spared
+    assert decayed | spared == set(names.values()), "every parameter is optimised exactly once"
+    modules = dict(exp.generator.named_modules())
+    for name in decayed:
+        owner, attr = name.rsplit(".", 1)
+        assert attr == "weight" and isinstance(modules[owner], torch.nn.Linear), name
+    assert any(name.endswith("bias") for name in spared)
+    assert any("label_emb" in name for name in spared)  # embeddings
+    assert any(isinstance(modules.get(n.rsplit(".", 1)[0]), torch.nn.LayerNorm) for n in spared)  # norms

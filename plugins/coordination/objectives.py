@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from nestar_lab.flow import data_estimate
 from nestar_lab.interfaces import CoordinationObjective, CoordinationPair, Params
 
 
@@ -43,10 +44,7 @@ class DataMatching(CoordinationObjective):
         weight: float = Field(0.1, ge=0, description="lambda_coor")
 
     def __call__(self, pairs: list[CoordinationPair]) -> torch.Tensor:
-        losses = []
-        for p in pairs:
-            gap = (1 - p.t).unsqueeze(-1)
-            x1_fine = p.y_t + gap * p.v_fine
-            x1_coarse = p.y_t + gap * p.v_coarse
-            losses.append((x1_fine - x1_coarse).pow(2).mean())
+        losses = [
+            (data_estimate(p.y_t, p.t, p.v_fine) - data_estimate(p.y_t, p.t, p.v_coarse)).pow(2).mean() for p in pairs
+        ]
         return self.params.weight * torch.stack(losses).sum()
