@@ -512,6 +512,8 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
     }
     params = list(model.parameters())
+    if weight_decay == 0:  # one group, as checkpoints written before the split hold
+        return [{"params": params, "weight_decay": 0.0}]
     groups = [
         {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
