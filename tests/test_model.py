@@ -195,6 +195,26 @@ def test_flex_attention_block_masks_match_sdpa(tiny_raw):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+def test_flex_block_masks_are_cached_by_content(monkeypatch):
+    """Equal layouts carried by different Rows objects share one block mask; a repeated Rows
+    object is a pure cache hit (no hashing); a different layout builds its own."""
+    from nestar_plugins.scale_modules import flex
+
+    built, hashed = [], []
+    monkeypatch.setattr(flex, "block_mask", lambda dense: built.append(dense.clone()) or object())
+    real_key = flex.mask_key
+    monkeypatch.setattr(flex, "mask_key", lambda dense: hashed.append(1) or real_key(dense))
+    masks = flex.BlockMasks()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    rows_a, rows_b, rows_c = object(), object(), object()
+    first = masks.get(rows_a, causal)
+    for _ in range(5):  # every training step reuses the stage's Rows
+        assert masks.get(rows_a, causal.clone()) is first
+    assert masks.get(rows_b, causal.clone()) is first, "same content, another Rows: no rebuild"
+    assert masks.get(rows_c, torch.ones(6, 6, dtype=torch.bool)) is not first
+    assert len(built) == masks.built == 2 and len(hashed) == 3
+
+
 def test_compile_flag_traces_training_and_sampling(tiny_raw):
     """``train.compile`` compiles the scale modules' parts; the eager backend checks that
     training and KV-cached sampling trace through torch.compile without changing results."""

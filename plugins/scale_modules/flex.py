@@ -3,6 +3,7 @@ dense additive bias, compiled on CUDA. The KV-cached sampling path needs no mask
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -30,22 +31,47 @@ def use_flex(choice: str, device: torch.device) -> bool:
 
 
 class BlockMasks:
-    """Block masks built once per row layout. Keys are the ``Rows`` objects themselves (held, so
-    their ids stay unique), as generators reuse one ``Rows`` per stage; at most ``size`` kept."""
+    """FlexAttention block masks cached by the dense mask's content, so a layout is built once
+    however many ``Rows`` objects carry it. The fast path keys on the ``Rows`` object itself (held,
+    so its id stays unique; generators reuse one ``Rows`` per stage): a hit costs no device work.
+    Only a ``Rows`` seen for the first time hashes its mask (one device-to-host copy) to find an
+    equal layout built before. At most ``size`` of each kept."""
 
     def __init__(self, size: int = 16):
-        self.size, self._masks = size, OrderedDict()
+        self.size = size
+        self._by_rows: OrderedDict[int, tuple[object, tuple]] = OrderedDict()
+        self._by_content: OrderedDict[tuple, object] = OrderedDict()
+        self.built = 0  # block masks constructed (for tests and curiosity)
 
     def get(self, rows, dense_mask: Tensor):
-        key = id(rows)
-        if key in self._masks:
-            self._masks.move_to_end(key)
-            return self._masks[key][1]
-        block = block_mask(dense_mask)
-        self._masks[key] = (rows, block)
-        if len(self._masks) > self.size:
-            self._masks.popitem(last=False)
+        hit = self._by_rows.get(id(rows))
+        if hit is not None and hit[0] is rows:
+            self._by_rows.move_to_end(id(rows))
+            content = hit[1]
+        else:
+            content = mask_key(dense_mask)
+            self._by_rows[id(rows)] = (rows, content)
+            _trim(self._by_rows, self.size)
+        block = self._by_content.get(content)
+        if block is None:
+            block = block_mask(dense_mask)
+            self.built += 1
+            self._by_content[content] = block
+            _trim(self._by_content, self.size)
+        else:
+            self._by_content.move_to_end(content)
         return block
+
+
+def mask_key(dense_mask: Tensor) -> tuple:
+    """A content key of a boolean mask: shape, device and a digest of its bits."""
+    bits = dense_mask.detach().to("cpu", torch.bool).contiguous().numpy()
+    return tuple(dense_mask.shape), str(dense_mask.device), hashlib.blake2b(bits.tobytes(), digest_size=16).hexdigest()
+
+
+def _trim(cache: OrderedDict, size: int) -> None:
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def block_mask(dense_mask: Tensor):
