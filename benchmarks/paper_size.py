@@ -7,7 +7,6 @@ sampled by the library's ``Sampler`` with the identity ``pixels`` tokenizer on t
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from flops import sampling_costs
 from nestar_lab.config import ExperimentConfig, apply_overrides, read_yaml
-from nestar_lab.experiment import autocast_factory, make, pick_device, use_bf16
+from nestar_lab.experiment import autocast_factory, make, module_factory, pick_device, use_bf16
 from nestar_lab.interfaces import ScaleModuleSpec
 from nestar_lab.registry import get_registry
 from nestar_lab.sample import Sampler
@@ -54,7 +53,7 @@ def build_generator(cfg: ExperimentConfig, meta: bool = False):
     schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
     spec = ScaleModuleSpec(LATENT[0], NUM_CLASSES, order.coords, order.grid, len(schedule.stages))
     torch.manual_seed(cfg.seed)
-    make_module = functools.partial(make, "scale_module", cfg.scale_module, spec=spec)
+    make_module = module_factory(cfg, spec)  # modules: entries size their module
     if meta:
 
         class OnMeta(gen_cls):  # the schedule is built as usual, only the networks go to "meta"

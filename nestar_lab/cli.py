@@ -365,10 +365,14 @@ def cmd_describe(args) -> int:
           f"{exp.order.grid[0]}x{exp.order.grid[1]} grid ({cfg.tokenizer.name}, {cfg.token_order.name} order)")  # fmt: skip
     print(f"generator {cfg.generator.name}: {len(gen.schedule.stages)} modules, "
           f"{gen.schedule.sequential_steps} sequential steps")  # fmt: skip
-    for i, stage in enumerate(gen.schedule.stages):
+    for i, stage in enumerate(gen.schedule.stages):  # each module's size, solver and guidance (modules:)
         shared = " (shared weights)" if len(gen.nets) == 1 and len(gen.schedule.stages) > 1 else ""
         count = sum(p.numel() for p in gen.net(i).parameters())
-        print(f"  module {i + 1}: {stage.num_rows} tokens in {stage.num_steps} steps, {count / 1e6:.1f}M parameters{shared}")
+        size = f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+        solver = exp.solvers[i]
+        knobs = ", ".join(f"{k} {v}" for k, v in solver.params.model_dump().items())
+        print(f"  module {i + 1}: {stage.num_rows} tokens in {stage.num_steps} steps, {size} parameters{shared}; "
+              f"solver {cfg.module_part('ode_solver', i).name} ({knobs}), cfg {cfg.module_sample(i).cfg_scale:g}")  # fmt: skip
     total = sum(p.numel() for p in gen.parameters())
     print(f"total: {total / 1e6:.1f}M trainable parameters (tokenizer not counted)")
     return 0

@@ -116,6 +116,31 @@ class DistributedConfig(Strict):
     )
 
 
+class PartSettings(Strict):
+    """One module's change to a shared part: ``params`` merged over the shared part's params, or
+    another plugin ``name`` (then ``params`` start from that plugin's defaults, not the shared ones)."""
+
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def over(self, shared: ComponentSpec) -> ComponentSpec:
+        """The part this module uses."""
+        if self.name is None or self.name == shared.name:
+            return ComponentSpec(name=shared.name, params={**shared.params, **self.params})
+        return ComponentSpec(name=self.name, params=dict(self.params))
+
+
+class ModuleSettings(Strict):
+    """Settings of one module (an entry of ``modules:``), each merged over the shared setting."""
+
+    scale_module: PartSettings | None = Field(None, description="this module's network (width, depth, heads, ...)")
+    ode_solver: PartSettings | None = Field(None, description="the solver of this module's patches")
+    cfg_scale: float | None = Field(None, ge=0, description="this module's guidance scale (default sample.cfg_scale)")
+
+
+MODULE_PARTS = ("scale_module", "ode_solver")  # the parts a module entry may change
+
+
 COMPONENT_KINDS = {
     "dataset": "dataset",
     "tokenizer": "tokenizer",
@@ -148,6 +173,23 @@ class ExperimentConfig(Strict):
     data: DataConfig = DataConfig()
     distributed: DistributedConfig = DistributedConfig()
     metrics: list[ComponentSpec] = Field(default_factory=list)
+    modules: dict[int, ModuleSettings] = Field(
+        default_factory=dict, description="per-module settings keyed by module number (1 = first), merged over the shared ones"
+    )
+
+    def module_part(self, part: Literal["scale_module", "ode_solver"], stage: int) -> ComponentSpec:
+        """Part ``part`` of module ``stage + 1`` (``stage`` counts from 0, as the schedule's stages
+        do): its ``modules:`` entry merged over the shared part, or the shared part."""
+        entry = self.modules.get(stage + 1)
+        change = getattr(entry, part) if entry is not None else None
+        return getattr(self, part) if change is None else change.over(getattr(self, part))
+
+    def module_sample(self, stage: int) -> SampleConfig:
+        """The sample settings of module ``stage + 1``: ``sample`` with the module's ``cfg_scale``."""
+        entry = self.modules.get(stage + 1)
+        if entry is None or entry.cfg_scale is None:
+            return self.sample
+        return self.sample.model_copy(update={"cfg_scale": entry.cfg_scale})
 
 
 class ConfigError(BadInput, ValueError):
@@ -342,6 +384,62 @@ def _resolve_component(where: str, kind: str, spec: ComponentSpec, errors: list[
     return ComponentSpec(name=spec.name, params=params.model_dump(mode="json"))
 
 
+def _merge_entry(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` (nested mappings); a part whose ``name`` changes without
+    ``params`` drops the base's params, as an override does."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    merged = dict(base)
+    if "name" in over and over["name"] != base.get("name") and "params" not in over:
+        merged.pop("params", None)
+    for key, value in over.items():
+        merged[key] = _merge_entry(merged[key], value) if key in merged else value
+    return merged
+
+
+def _number_modules(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``raw`` with ``modules:`` keyed by integers. YAML makes ``3:`` an integer key, a dotted
+    override (``--set modules.3.cfg_scale=1``) and a dumped config a string one; an entry given
+    both ways is merged, the string one (the override) over the integer one."""
+    modules = raw.get("modules")
+    if not isinstance(modules, dict):
+        return raw  # absent, or the structural check reports it
+    numbered: dict[int, Any] = {}
+    for key in sorted(modules, key=lambda k: isinstance(k, str)):  # integer keys first (stable)
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.isdigit() or int(text) < 1:
+            errors.append(f"modules.{key}: expected a module number (1 = the first module); got {key!r}")
+            continue
+        n = int(text)
+        numbered[n] = _merge_entry(numbered[n], modules[key]) if n in numbered else modules[key]
+    return {**raw, "modules": numbered}
+
+
+class _ModulesOnly(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    modules: dict[int, ModuleSettings] = Field(default_factory=dict)
+
+
+def _check_module_parts(
+    raw: dict[str, Any], cfg: ExperimentConfig | None, shared: dict[str, ComponentSpec], errors: list[str]
+) -> None:
+    """Each module's parts, merged over the shared parts (``shared``), validated like them, in the
+    same pass as the rest (a part whose shared settings failed is not reported again). Module
+    numbers are checked against the schedule with the rules across parts (``experiment``)."""
+    if cfg is not None:
+        modules = cfg.modules
+    else:  # the structure has problems elsewhere: the module entries alone (their own problems are reported)
+        alone = strict_validate(_ModulesOnly, {"modules": raw.get("modules") or {}}, "", [])
+        modules = alone.modules if alone is not None else {}
+    for number, entry in sorted(modules.items()):
+        for part in MODULE_PARTS:
+            change = getattr(entry, part)
+            if change is None or part not in shared or any(e.startswith(f"{part}.") for e in errors):
+                continue
+            where = f"modules.{number}.{part}"
+            _resolve_component(where, COMPONENT_KINDS[part], change.over(shared[part]), errors)
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw config dict completely; raise :class:`ConfigError` listing every problem.
 
@@ -351,8 +449,10 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise ConfigError([f"<config>: expected a mapping of config sections, got {type(raw).__name__}"])
     errors: list[str] = []
+    raw = _number_modules(raw, errors)
     cfg = strict_validate(ExperimentConfig, raw, "", errors)
     resolved = {where: _resolve_component(where, kind, spec, errors) for where, kind, spec in _component_specs(raw, cfg)}
+    _check_module_parts(raw, cfg, resolved, errors)
     if errors or cfg is None:
         raise ConfigError(list(dict.fromkeys(errors)))  # a non-finite plugin param is seen by both passes
     updates: dict[str, Any] = {field: resolved[field] for field in COMPONENT_KINDS}

@@ -25,8 +25,8 @@ def cache_root() -> Path:
 
 
 def make_sampler(exp: Experiment) -> Sampler:
-    """The run's sampler (its solver, guidance and precision)."""
-    return Sampler(exp.generator, exp.tokenizer, exp.order, exp.solver, exp.cfg.sample, exp.autocast())
+    """The run's sampler (its solvers and guidance, per module, and its precision)."""
+    return Sampler(exp.generator, exp.tokenizer, exp.order, exp.solvers, exp.sample_configs(), exp.autocast())
 
 
 def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[str, Any]:
@@ -67,6 +67,8 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     st = samples.stats
     row.setdefault("sequential_steps", st.sequential_steps)
     row.setdefault("nfe_per_image", st.nfe_per_image)
+    for i, nfe in enumerate(st.nfe_per_module):
+        row.setdefault(f"nfe_module_{i + 1}", nfe)
     row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds)
     save_grid(samples, run_dir / "samples.png")
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
@@ -88,7 +90,8 @@ def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Sa
     labels_in_order[order] = got
     seconds = torch.tensor([mine.stats.seconds], device=device)
     torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
-    stats = SampleStats(len(labels), mine.stats.sequential_steps, mine.stats.nfe_per_image, float(seconds.item()))
+    stats = SampleStats(len(labels), mine.stats.sequential_steps, mine.stats.nfe_per_image, float(seconds.item()),
+                        mine.stats.context_passes, mine.stats.nfe_per_module)  # fmt: skip
     return Samples(images=images_in_order, labels=labels_in_order, stats=stats)
 
 

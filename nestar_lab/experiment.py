@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from nestar_lab.config import ComponentSpec, ExperimentConfig
+from nestar_lab.config import ComponentSpec, ExperimentConfig, SampleConfig
 from nestar_lab.generator import Generator
 from nestar_lab.interfaces import (
     CoordinationObjective,
     Dataset,
     Metric,
     ODESolver,
+    ScaleModule,
     ScaleModuleSpec,
     Tokenizer,
     TokenOrder,
@@ -38,13 +40,18 @@ class Experiment:
     tokenizer: Tokenizer
     order: TokenOrder
     generator: Generator
-    solver: ODESolver
+    solver: ODESolver  # the shared solver (``ode_solver``)
     coordination: CoordinationObjective
     metrics: list[Metric]
+    solvers: list[ODESolver]  # one per module: its ``modules:`` solver, else the shared ``solver``
 
     def autocast(self):
         """A context factory applying the run's precision."""
         return autocast_factory(self.device, self.cfg.train.precision)
+
+    def sample_configs(self) -> list[SampleConfig]:
+        """One per module: ``sample`` with the module's ``cfg_scale`` (``modules:``)."""
+        return [self.cfg.module_sample(i) for i in range(len(self.generator.schedule.stages))]
 
 
 def _data_parts(cfg: ExperimentConfig):
@@ -60,14 +67,28 @@ def check_compatibility(cfg: ExperimentConfig) -> list[str]:
         _, tokenizer, order = _data_parts(cfg)
     except (ValueError, FileNotFoundError) as exc:
         return [f"tokenizer.params: {exc}"]
+    gen_cls = get_registry().get("generator", cfg.generator.name)
+    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
     try:
-        get_registry().get("generator", cfg.generator.name).build_schedule(
-            get_registry().get("generator", cfg.generator.name).Params.model_validate(cfg.generator.params),
-            order.num_tokens,
-        )
+        schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
     except ValueError as exc:
         return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
-    return []
+    return check_modules(cfg, len(schedule.stages), gen_cls.shares_weights(gen_params))
+
+
+def check_modules(cfg: ExperimentConfig, num_modules: int, shared: bool) -> list[str]:
+    """``modules:`` against the schedule: every number names a module (1..M, M the schedule's
+    stages), and sizes differ per module only where each module has its own network."""
+    errors = []
+    for number, entry in sorted(cfg.modules.items()):
+        if number > num_modules:
+            errors.append(f"modules.{number}: {cfg.generator.name} has {num_modules} module"
+                          f"{'s' if num_modules > 1 else ''} here (modules.1..{num_modules})")  # fmt: skip
+        elif entry.scale_module is not None and shared and num_modules > 1:
+            errors.append(f"modules.{number}.scale_module: one network runs all {num_modules} modules "
+                          f"(share_weights), so sizes cannot differ per module; set scale_module.params, "
+                          f"or generator.params.share_weights: false where the generator has it")  # fmt: skip
+    return errors
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -85,11 +106,12 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         num_stages=len(schedule.stages),
     )
     torch.manual_seed(cfg.seed)  # weight initialisation
-    make_module = functools.partial(make, "scale_module", cfg.scale_module, spec=spec)
-    generator = gen_cls(gen_params, num_tokens=order.num_tokens, make_module=make_module)
+    generator = gen_cls(gen_params, num_tokens=order.num_tokens, make_module=module_factory(cfg, spec))
     if cfg.train.compile:
         for net in generator.nets:
             net.compile_parts(cfg.train.compile_backend)
+    solver = make("ode_solver", cfg.ode_solver)
+    parts = [cfg.module_part("ode_solver", i) for i in range(len(generator.schedule.stages))]
     return Experiment(
         cfg=cfg,
         device=device,
@@ -97,10 +119,21 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         tokenizer=tokenizer.to(device),
         order=order,
         generator=generator.to(device),
-        solver=make("ode_solver", cfg.ode_solver),
+        solver=solver,
         coordination=make("coordination_objective", cfg.coordination),
         metrics=[make("metric", m) for m in cfg.metrics],
+        solvers=[solver if part is cfg.ode_solver else make("ode_solver", part) for part in parts],
     )
+
+
+def module_factory(cfg: ExperimentConfig, spec: ScaleModuleSpec) -> Callable[..., ScaleModule]:
+    """The generator's ``make_module(stage=0)``: a fresh scale module for module ``stage + 1``,
+    its ``modules:`` entry merged over ``scale_module``."""
+
+    def make_module(stage: int = 0) -> ScaleModule:
+        return make("scale_module", cfg.module_part("scale_module", stage), spec=spec)
+
+    return make_module
 
 
 def pick_device(name: str) -> torch.device:

@@ -8,7 +8,7 @@ with the same loop (``sample.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,24 +20,32 @@ from nestar_lab.schedule import Schedule, coordination_rows
 class Generator(Plugin, nn.Module, ABC):
     """A schedule of stages and the scale modules that run them.
 
-    Constructor: ``(params, num_tokens=n, make_module=callable)``; ``make_module()`` returns
-    a fresh scale module. When ``params.share_weights`` is true, one module runs every stage.
+    Constructor: ``(params, num_tokens=n, make_module=callable)``; ``make_module(stage)``
+    returns a fresh scale module for stage ``stage`` (module ``stage + 1``, sized by its
+    ``modules:`` entry; ``stage`` defaults to 0). When ``params.share_weights`` is true, one
+    module runs every stage.
     """
 
-    def __init__(self, params=None, *, num_tokens: int, make_module: Callable[[], ScaleModule]):
+    def __init__(self, params=None, *, num_tokens: int, make_module: Callable[..., ScaleModule]):
         nn.Module.__init__(self)
         Plugin.__init__(self, params)
         self.schedule = self.build_schedule(self.params, num_tokens)
         self.schedule.validate()
-        shared = bool(getattr(self.params, "share_weights", False))
-        count = 1 if shared else len(self.schedule.stages)
+        count = 1 if self.shares_weights(self.params) else len(self.schedule.stages)
         self.nets = nn.ModuleList(self.build_nets(make_module, count))
         self._rows: dict[tuple, object] = {}  # rows, masks and patch ids, built once per device
 
-    def build_nets(self, make_module: Callable[[], ScaleModule], count: int) -> list[nn.Module]:
-        """The networks, one per stage or one shared; default: ``count`` scale modules. A
-        generator whose network is not a scale module (``dit``) builds it here from one."""
-        return [make_module() for _ in range(count)]
+    @classmethod
+    def shares_weights(cls, params) -> bool:
+        """True when one network runs every stage (``params.share_weights``, a field or a class
+        constant); then module sizes cannot differ per module."""
+        return bool(getattr(params, "share_weights", False))
+
+    def build_nets(self, make_module: Callable[..., ScaleModule], count: int) -> list[nn.Module]:
+        """The networks, one per stage (``make_module(i)`` for stage i) or one shared; default:
+        ``count`` scale modules. A generator whose network is not a scale module (``dit``)
+        builds it here from one."""
+        return [make_module(i) for i in range(count)]
 
     @classmethod
     @abstractmethod
@@ -56,7 +64,9 @@ class Generator(Plugin, nn.Module, ABC):
         return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, **options)
 
     def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> TokenSample:
-        """Tokens for ``labels`` with their NFE and context passes. Default: the schedule
+        """Tokens for ``labels`` with their NFE (in all and per stage) and context passes.
+        ``solver`` and ``cfg`` (a ``SampleConfig``) are one for every stage or a sequence with
+        one per stage (``modules:``); :func:`per_module` picks a stage's. Default: the schedule
         sampler (``sample.py``: KV cache, stages x steps); generators that re-encode override
         this, and every sampler solves its patches with ``flow.solve_patch``."""
         from nestar_lab.sample import sample_tokens
@@ -96,6 +106,15 @@ class Generator(Plugin, nn.Module, ABC):
             rows = Rows(src.to(device), tgt.to(device), mask.to(device), groups.to(device))
             self._rows[key] = (rows, n_main)
         return self._rows[key]
+
+
+T = TypeVar("T")
+
+
+def per_module(setting: T | Sequence[T], stage: int) -> T:
+    """Stage ``stage``'s setting (a solver, a ``SampleConfig``): ``setting[stage]`` when one is
+    given per stage (a list or tuple), else ``setting`` itself."""
+    return setting[stage] if isinstance(setting, (list, tuple)) else setting
 
 
 def gather_inputs(tokens_BND: Tensor, src_idx: Tensor) -> Tensor:

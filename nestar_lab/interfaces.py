@@ -301,12 +301,14 @@ class TokenSample:
     ``nfe`` counts velocity evaluations and ``context_passes`` the sequential passes of the
     context network (a scale module's ``extend``/``forward``); a diffusion transformer, whose
     network *is* the velocity, has none. Every velocity evaluation is sequential too, so the
-    critical path is ``context_passes + nfe`` network passes.
+    critical path is ``context_passes + nfe`` network passes. ``nfe_per_module`` splits ``nfe``
+    by stage (module); empty when a generator does not say.
     """
 
     tokens: Tensor
     nfe: int
     context_passes: int
+    nfe_per_module: tuple[int, ...] = ()
 
 
 @dataclass
@@ -318,6 +320,7 @@ class SampleStats:
     nfe_per_image: float  # velocity evaluations each image took part in (mean over batches)
     seconds: float
     context_passes: int = 0  # sequential context-network passes per batch (see TokenSample)
+    nfe_per_module: list[float] = field(default_factory=list)  # nfe_per_image split by module
 
     @property
     def seconds_per_image(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import solve_patch, with_null_labels
-from nestar_lab.generator import Generator, gather_inputs
+from nestar_lab.generator import Generator, gather_inputs, per_module
 from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokenizer, TokenOrder, TokenSample
 
 
@@ -20,22 +21,24 @@ from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokeniz
 def sample_tokens(
     gen: Generator,
     labels_B: Tensor,
-    solver: ODESolver,
-    cfg: SampleConfig,
+    solver: ODESolver | Sequence[ODESolver],
+    cfg: SampleConfig | Sequence[SampleConfig],
     rng: torch.Generator,
     token_dim: int,
     autocast=contextlib.nullcontext,
 ) -> TokenSample:
-    """Generate tokens ``(B, n, d)`` for ``labels`` with the schedule's stages and steps."""
+    """Generate tokens ``(B, n, d)`` for ``labels`` with the schedule's stages and steps; each
+    stage (module) solves its patches with its solver and guidance (one, or one per stage)."""
     device = labels_B.device
     B, n = labels_B.shape[0], gen.schedule.num_tokens
-    guided = cfg.cfg_scale != 1.0  # cond and uncond rows share one batch
-    labels_in = with_null_labels(labels_B, gen.net(0).spec.num_classes) if guided else labels_B
     tokens = torch.zeros(B, n, token_dim, device=device)
-    nfe, done, passes = 0, 0, 0
+    nfe, done, passes = [], 0, 0
     for i, stage in enumerate(gen.schedule.stages):
-        net = gen.net(i)
+        net, solver_i, cfg_i = gen.net(i), per_module(solver, i), per_module(cfg, i)
+        guided = cfg_i.cfg_scale != 1.0  # cond and uncond rows share one batch
+        labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         src_all, tgt_all = stage.src_idx.to(device), stage.tgt_idx.to(device)
+        nfe.append(0)
         with autocast():
             cache = net.start_cache(labels_in, stage=i)
         for s in range(stage.num_steps):
@@ -45,23 +48,25 @@ def sample_tokens(
             with autocast():
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
             done, passes = done + len(rows), passes + 1
-            result = solve_patch(solver, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg.scale_at(done, n), temperature=cfg.temperature)  # fmt: skip
+            result = solve_patch(solver_i, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=cfg_i.scale_at(done, n), temperature=cfg_i.temperature)  # fmt: skip
             tokens[:, rows.tgt_idx] = result.y1.to(tokens.dtype)
-            nfe += result.nfe
-    return TokenSample(tokens, nfe, passes)
+            nfe[i] += result.nfe  # a Python count: no sync
+    return TokenSample(tokens, sum(nfe), passes, tuple(nfe))
 
 
 class Sampler:
-    """Images from labels: tokens -> latent grid -> pixels, with sampling stats."""
+    """Images from labels: tokens -> latent grid -> pixels, with sampling stats. ``solver`` and
+    ``cfg`` are one for every module or one per module (``Experiment.solvers`` and
+    ``Experiment.sample_configs()``); batch size and temperature are module 1's (shared)."""
 
     def __init__(
         self,
         gen: Generator,
         tokenizer: Tokenizer,
         order: TokenOrder,
-        solver: ODESolver,
-        cfg: SampleConfig,
+        solver: ODESolver | Sequence[ODESolver],
+        cfg: SampleConfig | Sequence[SampleConfig],
         autocast=contextlib.nullcontext,
     ):
         self.gen, self.tokenizer, self.order, self.solver, self.cfg = gen, tokenizer, order, solver, cfg
@@ -75,11 +80,13 @@ class Sampler:
         labels = labels.to(device)
         token_dim = self.tokenizer.latent_shape[0]
         start = time.perf_counter()
-        images, nfe_sum, passes = [], 0, 0
-        chunks = labels.split(batch_size or self.cfg.batch_size)
+        images, nfe_sum, passes, per_stage = [], 0, 0, None
+        chunks = labels.split(batch_size or per_module(self.cfg, 0).batch_size)
         for chunk in tqdm(chunks, desc="sample", unit="batch", disable=len(chunks) < 2, leave=False):
             batch = self.gen.sample_tokens(chunk, self.solver, self.cfg, rng, token_dim, self.autocast)
             nfe_sum += batch.nfe * len(chunk)  # adaptive solvers may differ per chunk
+            stage_nfe = [m * len(chunk) for m in batch.nfe_per_module]
+            per_stage = stage_nfe if per_stage is None else [a + b for a, b in zip(per_stage, stage_nfe)]
             passes = batch.context_passes
             images.append(self.tokenizer.decode(self.order.unflatten(batch.tokens)).float().clamp(-1, 1))
         out = torch.cat(images)
@@ -91,5 +98,6 @@ class Sampler:
             nfe_per_image=nfe_sum / max(len(labels), 1),
             seconds=time.perf_counter() - start,
             context_passes=passes,
+            nfe_per_module=[m / max(len(labels), 1) for m in per_stage or []],
         )
         return Samples(images=out.cpu(), labels=labels.cpu(), stats=stats)

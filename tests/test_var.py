@@ -29,7 +29,7 @@ def make_var(grid, scales=None, **module):
     spec = ScaleModuleSpec(token_dim=2, num_classes=10, coords=order.coords, grid=grid, num_stages=stages)
     cls = reg.get("scale_module", "transformer")
     torch.manual_seed(0)
-    gen = VAR(params, num_tokens=n, make_module=lambda: cls(cls.Params(**SMALL, **module), spec=spec))
+    gen = VAR(params, num_tokens=n, make_module=lambda stage=0: cls(cls.Params(**SMALL, **module), spec=spec))
     for p in gen.parameters():  # AdaLN-zero heads output zeros; randomise for real numbers
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.1)

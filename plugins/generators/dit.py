@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator
+from nestar_lab.generator import Generator, per_module
 from nestar_lab.interfaces import Params, ScaleModuleSpec, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, single_step_schedule
@@ -76,7 +76,7 @@ class DiT(Generator):
         return single_step_schedule(num_tokens)
 
     def build_nets(self, make_module, count):
-        module = make_module()
+        module = make_module(0)
         p = module.params
         missing = [f for f in ("width", "depth", "heads", "mlp_ratio") if not hasattr(p, f)]
         if missing:
@@ -93,9 +93,10 @@ class DiT(Generator):
 
     @torch.no_grad()
     def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast) -> TokenSample:
+        solver, cfg = per_module(solver, 0), per_module(cfg, 0)  # one stage: modules.1
         net, n = self.nets[0], self.schedule.num_tokens
         guided = cfg.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         result = solve_patch(solver, net, labels_in, (labels_B.shape[0], n, token_dim), rng=rng, autocast=autocast,
                              cfg_scale=cfg.scale_at(n, n), temperature=cfg.temperature)  # fmt: skip
-        return TokenSample(result.y1, result.nfe, 0)
+        return TokenSample(result.y1, result.nfe, 0, (result.nfe,))

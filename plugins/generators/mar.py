@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator, gather_inputs
+from nestar_lab.generator import Generator, gather_inputs, per_module
 from nestar_lab.interfaces import Params, Rows, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, Stage
@@ -98,6 +98,7 @@ class MAR(Generator):
 
     @torch.no_grad()
     def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast) -> TokenSample:
+        solver, cfg = per_module(solver, 0), per_module(cfg, 0)  # one stage: modules.1
         device = labels_B.device
         B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
         guided = cfg.cfg_scale != 1.0
@@ -118,4 +119,4 @@ class MAR(Generator):
             tokens.scatter_(1, new_BK[..., None].expand(-1, -1, token_dim), result.y1.to(tokens.dtype))
             known.scatter_(1, new_BK, True)
             nfe, done = nfe + result.nfe, count
-        return TokenSample(tokens, nfe, len(counts))
+        return TokenSample(tokens, nfe, len(counts), (nfe,))

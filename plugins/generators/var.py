@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator
+from nestar_lab.generator import Generator, per_module
 from nestar_lab.interfaces import Params, Rows, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, Stage
@@ -132,22 +132,24 @@ class VAR(Generator):
     def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast):
         device = labels_B.device
         B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
-        guided = cfg.cfg_scale != 1.0
+        # one KV cache runs every scale: it holds the unconditional rows when any scale guides
+        guided = any(per_module(cfg, k).cfg_scale != 1.0 for k in range(len(self.scales)))
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         with autocast():
             cache = net.start_cache(labels_in, stage=0)
-        prev, nfe, r = None, 0, self._pyramid_rows(device)
-        for k, s in enumerate(self.scales):
+        prev, nfe, r = None, [], self._pyramid_rows(device)
+        for k, s in enumerate(self.scales):  # scale k is stage k: modules.(k+1) sets its solver and guidance
+            solver_k, cfg_k = per_module(solver, k), per_module(cfg, k)
             sl = slice(*self.bounds[k])
             rows = Rows(r.src_idx[sl], r.tgt_idx[sl], coords=r.coords[sl], stages=r.stages[sl])
             x_in = torch.zeros(B, s * s, token_dim, device=device) if prev is None else flat(self._upsample(prev, s))
             with autocast():
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
-            result = solve_patch(solver, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg.scale_at(s * s, n), temperature=cfg.temperature)  # one scale, one patch
+            result = solve_patch(solver_k, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=cfg_k.scale_at(s * s, n), temperature=cfg_k.temperature)  # one scale, one patch
             prev = result.y1.float().transpose(1, 2).reshape(B, token_dim, s, s)
-            nfe += result.nfe
-        return TokenSample(flat(prev)[:, self.cell_of_token], nfe, len(self.scales))
+            nfe.append(result.nfe)
+        return TokenSample(flat(prev)[:, self.cell_of_token], sum(nfe), len(self.scales), tuple(nfe))
 
 
 def flat(map_BdSS: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Speed(Metric):
     """Times sampling ``batch_size`` images ``repeats`` times after ``warmup`` calls; reports the
-    median. Also NFE per image, sequential steps, peak memory and the parameter count."""
+    median. Also NFE per image (in all and per module: ``nfe_module_1``, ...), sequential steps,
+    peak memory and the parameter count."""
 
     class Params(Params):
         batch_size: int = Field(64, ge=1)
@@ -45,6 +46,7 @@ class Speed(Metric):
             "images_per_sec": p.batch_size / seconds,
             "speed_batch_size": float(p.batch_size),
             "nfe_per_image": float(stats.nfe_per_image),
+            **{f"nfe_module_{i + 1}": float(nfe) for i, nfe in enumerate(stats.nfe_per_module)},
             "sequential_steps": float(stats.sequential_steps),
             "peak_memory_mb": peak_memory_mb(ctx.device),
             "num_parameters": float(params),
