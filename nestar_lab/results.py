@@ -2,7 +2,8 @@
 
 Rows live in ``<output_dir>/results.csv`` (the config's ``output_dir``, ``runs`` by default):
 run id, time, config hash, every config knob flattened to a column (``generator`` holds the
-plugin name, ``generator.k`` its param), every metric, the device.
+plugin name, ``generator.k`` its param; ``modules.1.scale_module.depth`` a module's own
+setting), every metric, the device.
 """
 
 from __future__ import annotations
@@ -38,10 +39,27 @@ def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
             flat.update({f"{key}.{k}": _scalar(v) for k, v in value["params"].items()})
         elif key == "metrics":
             flat["metrics"] = ",".join(m["name"] for m in value)
+        elif key == "modules":  # modules.1.scale_module.depth, modules.3.ode_solver(.steps), modules.2.cfg_scale
+            flat.update(_module_columns(value))
         elif isinstance(value, dict):
             flat.update({f"{key}.{k}": _scalar(v) for k, v in value.items()})
         else:
             flat[key] = _scalar(value)
+    return flat
+
+
+def _module_columns(modules: dict[str, Any]) -> dict[str, Any]:
+    """The ``modules:`` entries as columns, in the shared parts' style: a changed plugin name as
+    ``modules.N.part``, a param as ``modules.N.part.param``, guidance as ``modules.N.cfg_scale``."""
+    flat: dict[str, Any] = {}
+    for number, entry in modules.items():
+        for part, change in entry.items():
+            if isinstance(change, dict):
+                if change.get("name") is not None:
+                    flat[f"modules.{number}.{part}"] = change["name"]
+                flat.update({f"modules.{number}.{part}.{k}": _scalar(v) for k, v in change["params"].items()})
+            elif change is not None:
+                flat[f"modules.{number}.{part}"] = _scalar(change)
     return flat
 
 

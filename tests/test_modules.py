@@ -205,3 +205,13 @@ def test_describe_lists_each_modules_size_solver_and_steps(tiny_raw, tmp_path, c
     assert rows[0].strip() == f"module 1: 4 tokens in 4 steps, {sizes[0]}; solver euler (steps 2), cfg 2"
     assert rows[1].strip() == f"module 2: 12 tokens in 3 steps, {sizes[1]}; solver euler (steps 2), cfg 1"
     assert rows[2].strip() == f"module 3: 48 tokens in 3 steps, {sizes[2]}; solver midpoint (steps 4), cfg 2"
+
+
+def test_results_rows_carry_module_settings_as_columns(tiny_raw):
+    from nestar_lab.results import flatten_config
+
+    modules = {1: {"scale_module": {"params": {"depth": 3}}}, 3: {"ode_solver": {"name": "midpoint", "params": {"steps": 4}}, "cfg_scale": 1.0}}
+    flat = flatten_config(validate_config(with_modules(tiny_raw, modules)))
+    assert flat["modules.1.scale_module.depth"] == 3 and "modules.1.scale_module" not in flat
+    assert (flat["modules.3.ode_solver"], flat["modules.3.ode_solver.steps"], flat["modules.3.cfg_scale"]) == ("midpoint", 4, 1.0)
+    assert not any(k.startswith("modules.2") for k in flat)
