@@ -35,7 +35,7 @@ def test_params_given_in_the_same_call_are_kept_in_any_order(order):
     overrides = ["ode_solver.name=rk4", "ode_solver.params.steps=4"][::order]
     assert apply_overrides(base(), overrides)["ode_solver"] == {"name": "rk4", "params": {"steps": 4}}
     overrides = {"ode_solver.params": {"steps": 2}, "ode_solver.name": "euler"}
-    assert apply_dotted(base(), overrides)["ode_solver"] == {"name": "euler", "params": {"steps": 2}}
+    assert apply_overrides(base(), overrides)["ode_solver"] == {"name": "euler", "params": {"steps": 2}}
 
 
 def test_same_name_keeps_params_and_a_later_call_is_a_new_call():
@@ -99,7 +99,10 @@ def test_a_bad_override_is_one_line_naming_it_and_changes_nothing(override, mess
     assert raw == base()
 
 
-def test_study_overrides_report_the_key():
+def test_studies_use_the_same_mechanism():
+    """``study.apply_dotted`` (trial overrides) is ``apply_overrides`` on a mapping."""
+    overrides = {"ode_solver.params.steps": 2, "ode_solver.name": "euler"}
+    assert apply_dotted(base(), overrides) == apply_overrides(base(), overrides)
     with pytest.raises(ConfigError, match=r"^override metrics\.5\.name: metrics\.5: the list has 2 items"):
         apply_dotted(base(), {"metrics.5.name": "speed"})
     with pytest.raises(ConfigError, match="the list is empty"):
