@@ -14,6 +14,9 @@ A study file (YAML, in ``studies/``)::
     sampler: {name: tpe, params: {seed: 0}}
     pruner: {name: median, params: {n_warmup_steps: 100}}
     report_every: 50                       # intermediate validation loss -> pruner (0: never)
+    trials: 8                              # finished (COMPLETE or PRUNED) trials to hold
+    heartbeat_seconds: 60                  # a trial silent for 2x this is failed and retried
+    max_errors_in_a_row: 3                 # one process gives up after this many failures in a row
 """
 
 from __future__ import annotations
@@ -100,8 +103,14 @@ class StudySpec(Strict):
     objectives: list[Objective] = Field(min_length=1)
     sampler: NamedSpec = NamedSpec(name="tpe", params={"seed": 0})
     pruner: NamedSpec = NamedSpec(name="median")
-    report_every: int = Field(0, ge=0, description="steps between validation-loss reports (0: none)")
-    trials: int = Field(8, ge=1, description="default number of trials for `nestar study run`")
+    report_every: int = Field(0, ge=0, strict=True, description="steps between validation-loss reports (0: none)")
+    trials: int = Field(8, ge=1, strict=True, description="default number of finished (COMPLETE or PRUNED) trials for `study run`")
+    heartbeat_seconds: int = Field(
+        60, ge=1, strict=True, description="a running trial's heartbeat interval; a trial silent for twice this is failed and retried"
+    )
+    max_errors_in_a_row: int = Field(
+        3, ge=1, strict=True, description="trials failed by an error in a row after which one `study run` process gives up"
+    )
     output_dir: str = "runs/studies"
     notes: str = ""
     source: Path | None = Field(None, exclude=True)

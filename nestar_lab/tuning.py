@@ -2,29 +2,66 @@
 
 Every trial is an ordinary run (run directory under the study's ``trials/``, a row in the
 study's ``results.csv``) and records its run id. Invalid configs are pruned with the reason
-recorded; a trial that raises is marked failed and the study goes on.
+recorded; a trial that raises is marked failed (its ``error`` recorded) and the study goes on.
+
+What ``--trials N`` means. The study is done when it holds N *finished* trials: COMPLETE or
+PRUNED (invalid configs are pruned, so they count). Other trials are attempts that do not count:
+
+* failed by an error (user attribute ``error``): a new trial is sampled in its place; one
+  process gives up (:class:`StudyFailed`, exit 1) after ``max_errors_in_a_row`` of them in a row;
+* lost: its worker died (SIGKILL, power loss, a lost machine). Every running trial sends a
+  heartbeat every ``heartbeat_seconds``; a trial whose heartbeat is older than twice that is
+  failed by whichever process looks next and re-queued (same parameters, user attribute
+  ``retry_of``; a retry of a trial that had a checkpoint resumes it) up to ``MAX_RETRIES``
+  times; an interrupted trial (SIGINT/SIGTERM) is re-queued at once;
+* surplus: started in the same instant as another trial that completes the target (closed at
+  once, user attribute ``surplus``).
+
+A process starts a trial only while finished + running < N, and waits (rather than exits) while
+running trials could still fail or go stale, so every process of a study stops with exactly N
+finished trials and none RUNNING, whatever was killed when: a re-run waits out the grace period
+of a dead worker's trial, fails it and retries it instead of starting trials past the target.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import os
-import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import TrialState
 
 from nestar_lab.config import ConfigError, read_yaml, validate_config
 from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
-HEARTBEAT_S = int(os.environ.get("NESTAR_HEARTBEAT_S", "60"))  # RDB storage: stale-trial detection
+MAX_RETRIES = 3  # a lost trial is re-queued at most this many times (then a new trial is sampled)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward ``--trials``
+HEARTBEAT_KEY = "nestar:heartbeat"  # journal storage: the last heartbeat (seconds since the epoch)
+
+
+class StudyFailed(RuntimeError):
+    """A study run that did not end as asked (a worker died, errors in a row, interrupted).
+    ``exit_code``: what ``nestar study run`` exits with. The message is one line."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def default_storage(spec: StudySpec) -> str:
@@ -33,26 +70,100 @@ def default_storage(spec: StudySpec) -> str:
     return f"sqlite:///{(spec.study_dir / 'study.db').resolve()}"
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
+def _retry_callback():
+    return _RETRY(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
+
+
+class _RDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage (heartbeats in its own table, timed by the database's clock), which
+    also fails a RUNNING trial that never sent a heartbeat (its worker died between creating
+    the trial and the first beat) once it started longer than the grace period ago."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        try:
+            from optuna.storages._rdb import models
+
+            cutoff = datetime.now() - timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+            session = self.scoped_session()
+            try:
+                beating = session.query(models.TrialHeartbeatModel.trial_id)
+                rows = (
+                    session.query(models.TrialModel.trial_id)
+                    .filter(models.TrialModel.study_id == study_id)
+                    .filter(models.TrialModel.state == TrialState.RUNNING)
+                    .filter(~models.TrialModel.trial_id.in_(beating))
+                    .all()
+                )
+            finally:
+                session.close()
+            for (trial_id,) in rows:
+                started = self.get_trial(trial_id).datetime_start  # local time, as optuna gives it
+                if started is not None and started.tzinfo is not None:
+                    started = started.astimezone().replace(tzinfo=None)
+                if trial_id not in stale and started is not None and started < cutoff:
+                    stale.append(trial_id)
+        except Exception:  # optuna internals moved: optuna's own detection still holds
+            pass
+        return stale
+
+
+class _JournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Journal storage with heartbeats (optuna's journal has none): each beat is a trial system
+    attribute holding the wall-clock time; a RUNNING trial whose last beat (or start) is older
+    than the grace period is stale. Machines sharing a journal need clocks within the grace."""
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, callback) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval, self.grace_period, self._stale_callback = heartbeat_interval, grace_period, callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except (UpdateFinishedTrialError, KeyError):  # failed meanwhile by another process
+            pass
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            started = t.datetime_start.timestamp() if t.datetime_start else now
+            # a retry inherits its origin's attributes, an old beat among them: the start counts too
+            last = max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started)
+            if now - last > self.grace_period:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self._stale_callback
+
+    def get_failed_trial_callback(self):  # the abstract name in optuna < 4.9
+        return self._stale_callback
+
+
+def make_storage(url: str, heartbeat_seconds: int = 60) -> optuna.storages.BaseStorage:
     """``journal:PATH`` -> a journal file (shared filesystems); otherwise an SQLAlchemy URL
-    (SQLite, PostgreSQL) with heartbeats, so a killed worker's trial is failed and retried."""
+    (SQLite, PostgreSQL). Both with heartbeats every ``heartbeat_seconds`` and a grace period of
+    twice that, after which a dead worker's trial is failed and re-queued."""
+    grace = 2 * heartbeat_seconds
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=2 * HEARTBEAT_S,
-        heartbeat_stale_trial_callback=_RETRY(max_retry=1),
-    )
+        backend = JournalFileBackend(url[len("journal:") :])
+        return _JournalStorage(backend, heartbeat_seconds, grace, _retry_callback())
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    return _RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace, **{key: _retry_callback()})
 
 
 def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     """Create the study, or continue it when it exists in ``storage``."""
     return optuna.create_study(
         study_name=spec.name,
-        storage=make_storage(storage or default_storage(spec)),
+        storage=make_storage(storage or default_storage(spec), spec.heartbeat_seconds),
         directions=spec.directions,
         sampler=spec.make_sampler(),
         pruner=spec.make_pruner(),
@@ -60,53 +171,144 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     )
 
 
-class Objective:
-    """Builds a trial's config, trains it with pruning reports, evaluates it, returns metrics."""
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and re-queue) the RUNNING trials whose heartbeat expired."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
 
-    def __init__(self, spec: StudySpec, progress: bool = False):
+
+def tally(study: optuna.Study) -> dict[str, int]:
+    """Trials by what they mean for ``--trials``: finished (COMPLETE or PRUNED), running,
+    waiting (queued arms and retries), errors (failed by an error), lost (a dead or interrupted
+    worker's, or surplus)."""
+    out = {"finished": 0, "running": 0, "waiting": 0, "errors": 0, "lost": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.state in FINISHED:
+            out["finished"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+        elif t.state == TrialState.WAITING:
+            out["waiting"] += 1
+        elif "error" in t.user_attrs:
+            out["errors"] += 1
+        else:
+            out["lost"] += 1
+    return out
+
+
+def _retry_now(trial: optuna.Trial) -> None:
+    """Re-queue a trial that stops without a result of its own (interrupted)."""
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    _retry_callback()(trial.study, frozen)
+
+
+class _Surplus(Exception):
+    pass
+
+
+class Objective:
+    """Builds a trial's config, trains it with pruning reports, evaluates it, returns metrics.
+
+    ``target``: the number of finished trials asked for; a trial started when lower-numbered
+    trials already reach it is closed at once as surplus (two processes starting together)."""
+
+    def __init__(self, spec: StudySpec, progress: bool = False, target: int | None = None):
         self.spec = spec
         self.base = read_yaml(spec.base_path())
         self.progress = progress
+        self.target = target
+        self.interrupted: BaseException | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        from nestar_lab.train import TrainingInterrupted
+
+        if self.target is not None and self._surplus(trial):
+            trial.set_user_attr("surplus", f"the study already holds or runs {self.target} trials")
+            raise _Surplus(f"trial {trial.number} not needed: {self.target} trials are finished or running")
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except TrainingInterrupted as exc:
+            self._interrupted(trial, exc)
+            raise
+        except Exception as exc:
+            try:
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            except UpdateFinishedTrialError:  # another process failed this trial as stale
+                pass
+            raise
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit
+            self._interrupted(trial, exc)
+            raise
+
+    def _interrupted(self, trial: optuna.Trial, exc: BaseException) -> None:
+        self.interrupted = exc
+        try:
+            trial.set_user_attr("interrupted", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            _retry_now(trial)
+        except Exception:  # e.g. the storage is gone: the heartbeat will have it retried
+            pass
+
+    def _surplus(self, trial: optuna.Trial) -> bool:
+        ahead = 0
+        for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)):
+            ahead += t.state in FINISHED or t.number < trial.number
+        return ahead >= self.target
+
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
         from nestar_lab.evaluate import evaluate
+        from nestar_lab.rundir import CHECKPOINT
         from nestar_lab.train import load_trained, train
 
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process runs it
+        origin = frozen.system_attrs.get("failed_trial")
+        if origin is not None:
+            trial.set_user_attr("retry_of", origin)
         overrides = trial_overrides(self.spec, trial)
         raw = apply_dotted(copy.deepcopy(self.base), overrides)
         raw["name"] = f"{self.spec.name}-trial{trial.number:04d}"
         raw["output_dir"] = str(self.spec.study_dir)
+        run_dir = self.spec.study_dir / "trials" / f"trial-{trial.number:04d}"
+        resume = False
+        inherited = frozen.user_attrs.get("run_dir")  # a retry: its origin's run, if it got a checkpoint
+        if origin is not None and inherited and not self.spec.sampling_only and (Path(inherited) / CHECKPOINT).is_file():
+            run_dir, resume = Path(inherited), True
+            raw["name"] = frozen.user_attrs.get("run_name", raw["name"])
         try:
             cfg = validate_config(raw)
         except ConfigError as exc:
             trial.set_user_attr("invalid", "; ".join(exc.lines))
             raise optuna.TrialPruned(f"invalid config: {'; '.join(exc.lines)}") from None
-        run_dir = self.spec.study_dir / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_id", run_dir.name)
         trial.set_user_attr("run_dir", str(run_dir))
-        try:
-            if self.spec.sampling_only:
-                self._reuse_training(cfg, run_dir)
-            else:
-                train(cfg, run_dir, progress=self.progress, callbacks=[self._reporter(trial)])
-            row = evaluate(load_trained(run_dir), run_dir)
-        except optuna.TrialPruned:
-            raise
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0])
-            raise
+        trial.set_user_attr("run_name", cfg.name)
+        if self.spec.sampling_only:
+            self._reuse_training(cfg, run_dir)
+        else:
+            train(cfg, run_dir, resume=resume, progress=self.progress, callbacks=[self._reporter(trial)])
+        row = evaluate(load_trained(run_dir), run_dir)
         values = []
         for objective in self.spec.objectives:
             value = row.get(objective.metric)
             if value is None:
                 errors = {k: v for k, v in row.items() if k.startswith("error_")}
                 raise KeyError(f"metric {objective.metric!r} missing from the run's row (errors: {errors or 'none'})")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"metric {objective.metric!r} is {value} for run {run_dir}")
             values.append(float(value))
         return values if len(values) > 1 else values[0]
 
     def _reuse_training(self, cfg, run_dir: Path) -> None:
         """Sampling-only studies train once (per training config) and copy the checkpoint into
-        each trial's run directory, which is then an ordinary, self-contained run."""
+        each trial's run directory, which is then an ordinary, self-contained run. One process
+        trains under an exclusive lock (released by the system if that process dies); the others
+        wait for it, and the next to get the lock resumes a training whose trainer died."""
+        import fcntl
+        import shutil
+
         from nestar_lab.results import config_hash
         from nestar_lab.rundir import CHECKPOINT, new_run_dir
         from nestar_lab.train import train
@@ -117,20 +319,17 @@ class Objective:
         )
         lock = shared.with_suffix(".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
-        while not (shared / "train_summary.json").is_file():
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # one process trains, the others wait
-            except FileExistsError:
-                time.sleep(2)
-                continue
-            try:
-                if (shared / CHECKPOINT).is_file():
-                    train(training_cfg, shared, resume=True, progress=self.progress)
-                else:
-                    train(training_cfg, shared, progress=self.progress)
+                if not (shared / "train_summary.json").is_file():
+                    if (shared / CHECKPOINT).is_file():
+                        train(training_cfg, shared, resume=True, progress=self.progress)
+                    else:  # nothing, or what a trainer that died before its first checkpoint left
+                        fresh = {"overwrite": True} if "overwrite" in inspect.signature(train).parameters else {}
+                        train(training_cfg, shared, progress=self.progress, **fresh)
             finally:
-                os.close(fd)
-                lock.unlink()
+                fcntl.flock(handle, fcntl.LOCK_UN)
         new_run_dir(cfg, run_dir)
         shutil.copy2(shared / CHECKPOINT, run_dir / CHECKPOINT)
         (run_dir / "trained_in.txt").write_text(f"{shared}\n")
@@ -144,7 +343,8 @@ class Objective:
                 return
             from nestar_lab.train import validation_loss
 
-            trial.report(validation_loss(exp), step)
+            if step not in trial.study._storage.get_trial(trial._trial_id).intermediate_values:
+                trial.report(validation_loss(exp), step)  # a resumed retry has its origin's reports
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
@@ -159,8 +359,12 @@ def run_study(
     workers: int = 1,
     progress: bool = False,
 ) -> optuna.Study:
-    """Run until the study holds ``trials`` finished trials in all (across every cooperating
-    process), or ``timeout`` seconds pass. ``workers > 1`` starts that many processes."""
+    """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
+    every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
+    processes on this machine (one GPU each, round-robin, when several are visible).
+
+    Raises :class:`StudyFailed` when a worker died, after ``spec.max_errors_in_a_row`` failed
+    trials in a row, or when interrupted (its trial is re-queued for the next run)."""
     trials = trials or spec.trials
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
@@ -169,25 +373,79 @@ def run_study(
             study.enqueue_trial(arm, skip_if_exists=True)
     if workers > 1:
         return _run_workers(spec, trials, timeout, storage, workers, study)
-    remaining = trials - _finished(study)
-    if remaining > 0:
-        # counting running trials too lets cooperating processes stop at the total together
-        counted = (*FINISHED, optuna.trial.TrialState.RUNNING)
-        study.optimize(
-            Objective(spec, progress),
-            n_trials=remaining,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)],
-        )
+    _optimize(study, spec, trials, timeout, progress)
     return study
 
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+def _optimize(study: optuna.Study, spec: StudySpec, trials: int, timeout: float | None, progress: bool) -> None:
+    objective = Objective(spec, progress, target=trials)
+    start = time.monotonic()
+    poll = min(spec.heartbeat_seconds, 5)
+    in_a_row = 0
+    reached: float | None = None
+    while True:
+        fail_stale(study)
+        count = tally(study)
+        if count["finished"] >= trials:
+            # a trial still RUNNING now is surplus (about to close) or a dead worker's (failed
+            # once its heartbeat expires): wait for either, but no longer than the grace period
+            # (a process sharing the study with a larger --trials may be running legitimately)
+            reached = reached or time.monotonic()
+            if not count["running"] or time.monotonic() - reached > 2 * spec.heartbeat_seconds + poll:
+                return
+            time.sleep(poll)
+            continue
+        if timeout is not None and time.monotonic() - start >= timeout:
+            return
+        if count["finished"] + count["running"] >= trials:
+            # running trials may complete the target; if one fails, or its worker died and its
+            # heartbeat expires, a trial is needed again (a retry of a lost one)
+            time.sleep(poll)
+            continue
+        ran: list[optuna.trial.FrozenTrial] = []
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda s, t: ran.append(t)])
+        except UpdateFinishedTrialError:  # this process was taken for dead (no heartbeat in time)
+            print("study: a trial of this process was failed as stale by another; going on", file=sys.stderr)
+            continue
+        if objective.interrupted is not None:
+            exc = objective.interrupted
+            code = getattr(exc, "exit_code", None) or 128 + signal.SIGINT
+            number = ran[0].number if ran else "?"
+            raise StudyFailed(f"study {spec.name} interrupted during trial {number}, which is queued again: "
+                              f"re-run the same command to go on", exit_code=code)  # fmt: skip
+        if not ran:
+            continue
+        trial = ran[0]
+        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+            in_a_row += 1
+            if in_a_row >= spec.max_errors_in_a_row:
+                raise StudyFailed(f"study {spec.name}: {in_a_row} trials in a row failed, the last (trial "
+                                  f"{trial.number}) with {trial.user_attrs['error']}; fix the cause and re-run "
+                                  f"(max_errors_in_a_row: {spec.max_errors_in_a_row} in the study file)")  # fmt: skip
+        elif trial.state in FINISHED:
+            in_a_row = 0
 
 
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def visible_gpus() -> list[str]:
+    """The GPU ids a worker can be pinned to with ``CUDA_VISIBLE_DEVICES`` (empty for fewer than
+    two GPUs): the entries of an existing ``CUDA_VISIBLE_DEVICES``, else 0..count-1."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
+
+
+def _how_it_ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
@@ -195,29 +453,87 @@ def _run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study
            "--storage", storage]  # fmt: skip
     if timeout:
         cmd += ["--timeout", str(timeout)]
-    env = {**os.environ, "NESTAR_STUDY_WORKER": "1"}
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        print(f"workers exited with {codes}", file=sys.stderr)
+    gpus = visible_gpus()
+    procs: list[subprocess.Popen] = []
+    stopped: list[int] = []
+
+    def stop(signum, frame=None):  # SIGTERM or Ctrl-C here: the workers stop (trials re-queued)
+        stopped.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        for i in range(workers):
+            env = {**os.environ, "NESTAR_STUDY_WORKER": str(i + 1)}
+            if "OMP_NUM_THREADS" not in os.environ:  # the CPU cores shared out, not each worker taking all
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = []
+        for p in procs:
+            while True:
+                try:
+                    codes.append(p.wait())
+                    break
+                except KeyboardInterrupt:
+                    stop(signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise StudyFailed(f"study {spec.name} interrupted ({signal.Signals(stopped[0]).name}); the workers' trials "
+                          "are queued again: re-run the same command to go on", exit_code=128 + stopped[0])  # fmt: skip
+    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {_how_it_ended(c)}" for i, (p, c) in enumerate(zip(procs, codes)) if c]
+    if died:
+        count = tally(study)
+        state = (f"the study holds {count['finished']}/{trials} finished trials"
+                 + (" and is complete" if count["finished"] >= trials and not count["running"]
+                    else "; re-run the same command to finish it"))  # fmt: skip
+        raise StudyFailed("; ".join(died) + f"; {state}")
     return study
 
 
 def trials_table(study: optuna.Study, spec: StudySpec):
-    """Trials (number, state, params, values, run id, reasons) joined to their runs' metrics."""
+    """Trials (number, state, params, objectives, run id, reasons) joined to their runs' metrics.
+
+    ``objective:<metric>`` holds a COMPLETE trial's objective value (NaN otherwise: optuna
+    stores a pruned trial's last intermediate value as its value, which is a validation loss,
+    not the objective); ``last_val_loss`` and ``last_val_loss_step`` hold the last intermediate
+    value any trial reported (what a pruned trial was pruned on); ``retry_of`` names the lost
+    trial a retry re-runs."""
     import pandas as pd
 
     from nestar_lab import results
 
-    df = study.trials_dataframe(attrs=("number", "state", "params", "values", "user_attrs", "duration"))
-    df.columns = [c.replace("user_attrs_", "").replace("params_", "param:") for c in df.columns]
+    names = [o.metric for o in spec.objectives]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        complete = t.state == TrialState.COMPLETE and t.values is not None
+        for i, name in enumerate(names):
+            row[f"objective:{name}"] = t.values[i] if complete and i < len(t.values) else float("nan")
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        row["last_val_loss"] = t.intermediate_values[last] if last is not None else float("nan")
+        row["last_val_loss_step"] = last
+        row.update({k: v for k, v in t.user_attrs.items() if k not in ("run_dir", "run_name")})
+        if t.datetime_start and t.datetime_complete:
+            row["seconds"] = (t.datetime_complete - t.datetime_start).total_seconds()
+        rows.append(row)
+    df = pd.DataFrame(rows)
     runs = results.load(spec.study_dir)
     if "run_id" in df.columns and not runs.empty:
-        metric_cols = [o.metric for o in spec.objectives if o.metric in runs.columns]
+        metric_cols = [m for m in names if m in runs.columns]
         extra = [c for c in ("class_accuracy", "sec_per_image", "nfe_per_image") if c in runs.columns]
         keep = ["run_id", *dict.fromkeys(metric_cols + extra)]
         df = df.merge(runs[keep].drop_duplicates("run_id", keep="last"), on="run_id", how="left")
-    return df if isinstance(df, pd.DataFrame) else pd.DataFrame(df)
+        # a resumed retry shares its lost origin's run: the run's metrics are the retry's
+        df.loc[df["state"] != "COMPLETE", keep[1:]] = float("nan")
+    return df
 
 
 def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""Optuna studies: trials are runs, invalid configs are pruned, failures recorded, workers share."""
+"""Optuna studies: trials are runs, invalid configs are pruned, failures recorded, workers share.
+Recovery from killed workers on every storage: test_study_recovery.py."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,9 +15,21 @@ import yaml
 
 from nestar_lab.cli import main
 from nestar_lab.study import load_study
-from nestar_lab.tuning import Objective, open_study, run_study
+from nestar_lab import tuning
+from nestar_lab.tuning import Objective, StudyFailed, open_study, run_study, tally, trials_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Trials here are tiny and often run beside other processes: one thread each is fastest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_study(tmp_path, tiny_raw, **fields):
@@ -79,8 +93,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_raw, m
 
     monkeypatch.setattr(evaluate_module, "evaluate", flaky)
     study = run_study(write_study(tmp_path, tiny_raw), trials=3)
+    # a failed trial is an attempt; --trials counts finished (COMPLETE or PRUNED) trials
     assert states(study).count(optuna.trial.TrialState.FAIL) == 1
-    assert states(study).count(optuna.trial.TrialState.COMPLETE) == 2
+    assert states(study).count(optuna.trial.TrialState.COMPLETE) == 3
     failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
     assert failed.user_attrs["error"] == "RuntimeError: disk full"
 
@@ -104,7 +119,8 @@ def test_pruner_stops_a_trial_with_a_bad_intermediate_value(tmp_path, tiny_raw, 
 
 def _worker(spec, trials, env=None):
     cmd = [sys.executable, "-m", "nestar_lab.cli", "study", "run", str(spec.source), "--trials", str(trials)]
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_two_workers_share_one_storage(tmp_path, tiny_raw):
@@ -122,29 +138,108 @@ def test_two_workers_share_one_storage(tmp_path, tiny_raw):
     assert len(results.load(spec.study_dir)) == 4  # concurrent appends lose no row
 
 
-def test_a_killed_workers_study_resumes(tmp_path, tiny_raw):
-    tiny_raw["train"]["steps"] = 400  # long enough to be killed mid-trial
+def test_errors_in_a_row_give_up_with_one_line(tmp_path, tiny_raw, monkeypatch):
+    import nestar_lab.evaluate as evaluate_module
+
+    def broken(exp, run_dir, **kw):
+        raise RuntimeError("metric code is broken")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", broken)
+    tiny_raw["train"]["steps"] = 2
+    spec = write_study(tmp_path, tiny_raw, max_errors_in_a_row=2)
+    with pytest.raises(StudyFailed) as info:
+        run_study(spec, trials=3)
+    message = str(info.value)
+    assert "2 trials in a row failed" in message and "RuntimeError: metric code is broken" in message
+    assert "\n" not in message and info.value.exit_code == 1
+    assert states(open_study(spec)) == [optuna.trial.TrialState.FAIL] * 2
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_rerun_waits_out_a_dead_trial_and_retries_it(tmp_path, tiny_raw, kind):
+    """A worker that died right after creating its trial (no heartbeat ever sent): a re-run
+    inside the grace period waits, fails the trial, re-runs its parameters, stops at the target."""
+    tiny_raw["train"]["steps"] = 2
+    spec = write_study(tmp_path, tiny_raw, heartbeat_seconds=1)
+    url = f"journal:{tmp_path / 'j.log'}" if kind == "journal" else None
+    dead = open_study(spec, url).ask()
+    dead.suggest_categorical("generator.params.k", [2, 4, 8])
+    started = time.time()
+    study = run_study(spec, trials=1, storage=url, timeout=120)
+    assert time.time() - started >= 2  # the grace period (2 x heartbeat_seconds) was waited out
+    first, retry = study.trials
+    assert first.state == optuna.trial.TrialState.FAIL and "error" not in first.user_attrs
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
+    assert retry.params == first.params
+    assert tally(study) == {"finished": 1, "running": 0, "waiting": 0, "errors": 0, "lost": 1}
+
+
+def test_a_trial_started_past_the_target_is_surplus(tmp_path, tiny_raw):
     spec = write_study(tmp_path, tiny_raw)
-    proc = _worker(spec, 2, env={"NESTAR_HEARTBEAT_S": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((spec.study_dir / "trials").glob("*/checkpoint.pt")):
-        time.sleep(0.5)
-    proc.kill()
-    proc.wait()
-    tiny_raw["train"]["steps"] = 6  # the remaining trials may be quick
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**tiny_raw, "metrics": [{"name": "nearest_train_distance"}]}))
-    time.sleep(3)  # past the heartbeat grace period: the trial is stale
-    os.environ["NESTAR_HEARTBEAT_S"] = "1"
-    try:
-        import importlib
+    study = open_study(spec)
+    first, second = study.ask(), study.ask()  # two processes starting at once, one trial wanted
+    objective = Objective(spec, target=1)
+    assert not objective._surplus(first) and objective._surplus(second)
 
-        import nestar_lab.tuning as tuning
 
-        importlib.reload(tuning)
-        study = tuning.run_study(spec, trials=3)
-    finally:
-        del os.environ["NESTAR_HEARTBEAT_S"]
-        importlib.reload(tuning)
-    finished = [s for s in states(study) if s == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) >= 2
-    assert optuna.trial.TrialState.RUNNING not in states(study)
+class FakeWorker:
+    made: list = []
+
+    def __init__(self, cmd, env):
+        self.cmd, self.env, self.pid = cmd, env, 1000 + len(FakeWorker.made)
+        FakeWorker.made.append(self)
+
+    def wait(self):
+        return {1: -signal.SIGKILL, 3: 1}.get(self.pid - 1000, 0)
+
+    def poll(self):
+        return self.wait()
+
+
+def test_workers_get_a_gpu_each_and_a_dead_worker_fails_the_run(tmp_path, tiny_raw, monkeypatch):
+    import torch
+
+    spec = write_study(tmp_path, tiny_raw)
+    study = open_study(spec)
+    monkeypatch.setattr(tuning.subprocess, "Popen", FakeWorker)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(tuning.os, "cpu_count", lambda: 8)
+    FakeWorker.made = []
+    with pytest.raises(StudyFailed) as info:
+        tuning._run_workers(spec, 2, None, "sqlite:///x.db", 4, study)
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["0", "1", "2", "0"]
+    assert [w.env["NESTAR_STUDY_WORKER"] for w in FakeWorker.made] == ["1", "2", "3", "4"]
+    assert [w.env["OMP_NUM_THREADS"] for w in FakeWorker.made] == ["2"] * 4  # 8 cores shared by 4
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 1
+    assert "worker 2/4 (pid 1001) was killed by SIGKILL; worker 4/4 (pid 1003) exited with code 1" in message
+    assert "0/2 finished trials; re-run the same command" in message
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # ids as the parent sees them
+    monkeypatch.setattr(FakeWorker, "wait", lambda self: 0)
+    FakeWorker.made = []
+    tuning._run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["4", "6"]
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: shared, env untouched
+    FakeWorker.made = []
+    tuning._run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["4,6,7", "4,6,7"]
+
+
+def test_report_separates_objectives_from_pruned_intermediate_values(tmp_path, tiny_raw):
+    spec = write_study(tmp_path, tiny_raw)
+    study = open_study(spec)
+    done = study.ask()
+    done.report(0.5, 2)
+    study.tell(done, 1.25)
+    pruned = study.ask()
+    pruned.report(9.0, 2)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)  # optuna stores 9.0 as its "value"
+    table = trials_table(study, spec).set_index("number")
+    column = "objective:nn_train_dist_generated"
+    assert table.loc[0, column] == 1.25 and table.loc[1, column] != table.loc[1, column]  # NaN
+    assert list(table["last_val_loss"]) == [0.5, 9.0] and list(table["last_val_loss_step"]) == [2, 2]
+    assert "value" not in table.columns
