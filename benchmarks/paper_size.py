@@ -109,8 +109,10 @@ def measure(model: str, overrides: list[str], args, log) -> dict:
     gen, order = build_generator(cfg)
     gen = gen.to(device).eval()
     tokenizer = get_registry().get("tokenizer", "pixels")(image_shape=LATENT)  # identity on the latent grid
-    solver = make("ode_solver", cfg.ode_solver)
-    sampler = Sampler(gen, tokenizer, order, solver, cfg.sample, autocast_factory(device, cfg.train.precision))
+    stages = range(len(gen.schedule.stages))  # each module's solver and guidance (modules:)
+    solvers = [make("ode_solver", cfg.module_part("ode_solver", i)) for i in stages]
+    sampler = Sampler(gen, tokenizer, order, solvers, [cfg.module_sample(i) for i in stages],
+                      autocast_factory(device, cfg.train.precision))  # fmt: skip
     labels = torch.arange(args.images) % NUM_CLASSES
     params = sum(p.numel() for p in gen.parameters())
     sm = cfg.scale_module.params

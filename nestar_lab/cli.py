@@ -371,8 +371,8 @@ def cmd_describe(args) -> int:
         size = f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
         solver = exp.solvers[i]
         knobs = ", ".join(f"{k} {v}" for k, v in solver.params.model_dump().items())
-        print(f"  module {i + 1}: {stage.num_rows} tokens in {stage.num_steps} steps, {size} parameters{shared}; "
-              f"solver {cfg.module_part('ode_solver', i).name} ({knobs}), cfg {cfg.module_sample(i).cfg_scale:g}")  # fmt: skip
+        solve = f"solver {cfg.module_part('ode_solver', i).name} ({knobs}), cfg {cfg.module_sample(i).cfg_scale:g}"
+        print(f"  module {i + 1}: {stage.num_rows} tokens in {stage.num_steps} steps, {size} parameters{shared}; {solve}")
     total = sum(p.numel() for p in gen.parameters())
     print(f"total: {total / 1e6:.1f}M trainable parameters (tokenizer not counted)")
     return 0

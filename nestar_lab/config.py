@@ -175,7 +175,7 @@ class ExperimentConfig(Strict):
     distributed: DistributedConfig = DistributedConfig()
     metrics: list[ComponentSpec] = Field(default_factory=list)
     modules: dict[int, ModuleSettings] = Field(
-        default_factory=dict, description="per-module settings keyed by module number (1 = first), merged over the shared ones"
+        default_factory=dict, description="per-module settings by module number (1 = first), merged over the shared ones"
     )
 
     def module_part(self, part: Literal["scale_module", "ode_solver"], stage: int) -> ComponentSpec:
