@@ -94,6 +94,28 @@ def current(entry: dict[str, Any], overrides: list[str], b: dict[str, Any]) -> b
     return entry.get("budget") == b and entry.get("overrides") == overrides
 
 
+def diverged(error: str) -> bool:
+    """Whether a failed trial's recorded error is a training that went non-finite."""
+    return error.startswith("TrainingFailed:") and "finite" in error
+
+
+def arm_scores(study: optuna.Study, grid: list[float]) -> dict[float, float]:
+    """lr -> objective for every arm of ``grid`` that has an outcome: a finished trial's value, or
+    ``inf`` for an arm whose training diverged (a non-finite run is a valid, bad score for a
+    learning rate). Arms lost to an interruption, or failed for another reason, have no score:
+    the search is then incomplete rather than silently decided among fewer arms."""
+    scores: dict[float, float] = {}
+    for trial in study.get_trials(deepcopy=False):
+        lr = trial.params.get("train.lr")
+        if lr not in grid:
+            continue
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
+            scores[lr] = min(scores.get(lr, math.inf), float(trial.value))
+        elif trial.state == optuna.trial.TrialState.FAIL and diverged(str(trial.user_attrs.get("error", ""))):
+            scores.setdefault(lr, math.inf)
+    return scores
+
+
 def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[str, Any], root: Path,
               store: Path) -> float:  # fmt: skip
     """The variant's learning rate: from ``store`` when searched with budget ``b``, else searched now
@@ -103,13 +125,14 @@ def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[
         return float(chosen[label]["lr"])
     spec = make_spec(config, slug, overrides, b, root)
     study = run_study(spec, trials=spec.trials)
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not done:
-        errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials]
-        raise RuntimeError(f"{label}: no learning-rate trial finished ({errors}); see {spec.study_dir}")
-    best = min(done, key=lambda t: t.value)
-    trials = sorted((t.params["train.lr"], t.value) for t in done)
-    entry = {"lr": best.params["train.lr"], "budget": b, "overrides": overrides, "trials": trials,
+    scores = arm_scores(study, b["grid"])
+    missing = [lr for lr in b["grid"] if lr not in scores]
+    if missing or all(math.isinf(v) for v in scores.values()):
+        errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
+        raise RuntimeError(f"{label}: learning-rate search incomplete (arms without a score: {missing or 'all diverged'}; "
+                           f"{errors}); nothing stored, see {spec.study_dir}")  # fmt: skip
+    best = min(scores, key=scores.get)
+    entry = {"lr": best, "budget": b, "overrides": overrides, "trials": sorted(scores.items()),
              "study_dir": str(spec.study_dir)}  # fmt: skip
     chosen = load_chosen(store) | {label: entry}  # reread: another process may have added a variant
     store.parent.mkdir(parents=True, exist_ok=True)
