@@ -27,7 +27,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nestar_lab.config import ConfigError, _error_lines, read_yaml
+from nestar_lab.config import ConfigError, _error_lines, apply_overrides, read_yaml
 
 
 class Strict(BaseModel):
@@ -185,14 +185,6 @@ def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
 
 
 def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested config. Changing a part's ``name`` drops the base's params
-    for that part (they belonged to the other plugin) unless params are set too."""
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if parts[-1] == "name" and node.get("name") != value:
-            node["params"] = {}
-        node[parts[-1]] = value
-    return raw
+    """A trial's ``{dotted.key: value}`` overrides set in ``raw``: :func:`nestar_lab.config.apply_overrides`,
+    the one mechanism the CLI's ``--set`` uses too (a changed ``name`` drops the part's previous params)."""
+    return apply_overrides(raw, overrides)
