@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from nestar_lab.errors import BadInput
 from nestar_lab.flow import FlowConfig
+from nestar_lab.parts import check_compatibility
 from nestar_lab.registry import PluginError, get_registry
 
 
@@ -560,8 +561,6 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     updates: dict[str, Any] = {field: resolved[field] for field in COMPONENT_KINDS}
     updates["metrics"] = [resolved[f"metrics.{i}"] for i in range(len(cfg.metrics))]
     cfg = cfg.model_copy(update=updates)
-    from nestar_lab.experiment import check_compatibility
-
     errors = check_compatibility(cfg)
     if errors:
         raise ConfigError(errors)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from nestar_lab.config import ComponentSpec, ExperimentConfig, SampleConfig
+from nestar_lab.config import ExperimentConfig, SampleConfig
 from nestar_lab.generator import Generator
 from nestar_lab.interfaces import (
     CoordinationObjective,
@@ -21,13 +21,9 @@ from nestar_lab.interfaces import (
     Tokenizer,
     TokenOrder,
 )
+from nestar_lab.parts import check_compatibility, check_modules, make  # noqa: F401  (public here too)
+from nestar_lab.parts import data_parts
 from nestar_lab.registry import get_registry
-
-
-def make(kind: str, component: ComponentSpec, **kwargs):
-    """Instantiate plugin ``component.name`` of ``kind`` with its validated params."""
-    cls = get_registry().get(kind, component.name)
-    return cls(cls.Params.model_validate(component.params), **kwargs)
 
 
 @dataclass
@@ -54,47 +50,10 @@ class Experiment:
         return [self.cfg.module_sample(i) for i in range(len(self.generator.schedule.stages))]
 
 
-def _data_parts(cfg: ExperimentConfig):
-    dataset = make("dataset", cfg.dataset)
-    tokenizer = make("tokenizer", cfg.tokenizer, image_shape=dataset.image_shape)
-    order = make("token_order", cfg.token_order, grid=tokenizer.latent_shape[1:])
-    return dataset, tokenizer, order
-
-
-def check_compatibility(cfg: ExperimentConfig) -> list[str]:
-    """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines."""
-    try:
-        _, tokenizer, order = _data_parts(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        return [f"tokenizer.params: {exc}"]
-    gen_cls = get_registry().get("generator", cfg.generator.name)
-    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
-    try:
-        schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
-    except ValueError as exc:
-        return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
-    return check_modules(cfg, len(schedule.stages), gen_cls.shares_weights(gen_params))
-
-
-def check_modules(cfg: ExperimentConfig, num_modules: int, shared: bool) -> list[str]:
-    """``modules:`` against the schedule: every number names a module (1..M, M the schedule's
-    stages), and sizes differ per module only where each module has its own network."""
-    errors = []
-    for number, entry in sorted(cfg.modules.items()):
-        if number > num_modules:
-            errors.append(f"modules.{number}: {cfg.generator.name} has {num_modules} module"
-                          f"{'s' if num_modules > 1 else ''} here (modules.1..{num_modules})")  # fmt: skip
-        elif entry.scale_module is not None and shared and num_modules > 1:
-            errors.append(f"modules.{number}.scale_module: one network runs all {num_modules} modules "
-                          f"(share_weights), so sizes cannot differ per module; set scale_module.params, "
-                          f"or generator.params.share_weights: false where the generator has it")  # fmt: skip
-    return errors
-
-
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     """Construct every part of ``cfg`` on the chosen device."""
     device = pick_device(cfg.device)
-    dataset, tokenizer, order = _data_parts(cfg)
+    dataset, tokenizer, order = data_parts(cfg)
     gen_cls = get_registry().get("generator", cfg.generator.name)
     gen_params = gen_cls.Params.model_validate(cfg.generator.params)
     schedule = gen_cls.build_schedule(gen_params, order.num_tokens)

@@ -8,13 +8,14 @@ with the same loop (``sample.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence, TypeVar
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from nestar_lab import losses, sample
 from nestar_lab.interfaces import Plugin, Rows, ScaleModule, TokenSample
-from nestar_lab.schedule import Schedule, coordination_rows
+from nestar_lab.schedule import Schedule, coordination_rows, gather_inputs, per_module  # noqa: F401  (public here too)
 
 
 class Generator(Plugin, nn.Module, ABC):
@@ -55,9 +56,7 @@ class Generator(Plugin, nn.Module, ABC):
     def training_losses(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
         """The batch's losses. Default: the schedule's teacher-forced pass (``losses.py``);
         generators whose steps are not fixed rows (e.g. MAR's random masking) override this."""
-        from nestar_lab.losses import training_losses
-
-        return training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options)
+        return losses.training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options)
 
     def forward(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
         """Training losses (:meth:`training_losses`): the call DDP wraps."""
@@ -69,9 +68,7 @@ class Generator(Plugin, nn.Module, ABC):
         one per stage (``modules:``); :func:`per_module` picks a stage's. Default: the schedule
         sampler (``sample.py``: KV cache, stages x steps); generators that re-encode override
         this, and every sampler solves its patches with ``flow.solve_patch``."""
-        from nestar_lab.sample import sample_tokens
-
-        return sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
+        return sample.sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
 
     def time_groups(self, device: torch.device) -> Tensor | None:
         """Training draws one flow time per patch (the schedule's patch of each token) when a
@@ -106,23 +103,3 @@ class Generator(Plugin, nn.Module, ABC):
             rows = Rows(src.to(device), tgt.to(device), mask.to(device), groups.to(device))
             self._rows[key] = (rows, n_main)
         return self._rows[key]
-
-
-T = TypeVar("T")
-
-
-def per_module(setting: T | Sequence[T], stage: int) -> T:
-    """Stage ``stage``'s setting (a solver, a ``SampleConfig``): ``setting[stage]`` when one is
-    given per stage (a list or tuple), else ``setting`` itself."""
-    return setting[stage] if isinstance(setting, (list, tuple)) else setting
-
-
-def gather_inputs(tokens_BND: Tensor, src_idx: Tensor) -> Tensor:
-    """The token feeding each row, zeros for rows fed by the start embedding (``src = -1``).
-    ``src_idx`` is ``(L,)``, or ``(B, L)`` when rows are fed differently per image."""
-    idx = src_idx.clamp(min=0)
-    if idx.dim() == 1:
-        x = tokens_BND[:, idx]
-    else:
-        x = tokens_BND.gather(1, idx[..., None].expand(-1, -1, tokens_BND.shape[-1]))
-    return x * (src_idx >= 0).unsqueeze(-1).to(x.dtype)

@@ -2,6 +2,9 @@
 
 One forward pass per stage (module) per batch: the stage's teacher-forced rows, and, when the
 coordination objective needs it, its partner's rows as a second masked segment of the same pass.
+
+``gen`` is a ``nestar_lab.generator.Generator``, named in annotations only: the generator's
+default methods call this module, so it does not import the generator back.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestar_lab.flow import FlowConfig, draw_path
-from nestar_lab.generator import Generator, gather_inputs
+from nestar_lab.schedule import gather_inputs
 from nestar_lab.interfaces import CoordinationObjective, CoordinationPair
 
 

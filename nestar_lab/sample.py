@@ -1,5 +1,9 @@
 """THE sampler: for each stage, for each step (patch), encode the new rows with the KV cache,
-then integrate the patch's velocity field from noise with the ODE solver (batched CFG)."""
+then integrate the patch's velocity field from noise with the ODE solver (batched CFG).
+
+``gen`` is a ``nestar_lab.generator.Generator``, named in annotations only: the generator's
+default methods call this module, so it does not import the generator back.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from tqdm.auto import tqdm
 
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import solve_patch, with_null_labels
-from nestar_lab.generator import Generator, gather_inputs, per_module
+from nestar_lab.schedule import gather_inputs, per_module
 from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokenizer, TokenOrder, TokenSample
 
 

@@ -10,6 +10,7 @@ to rows of its own step and of earlier steps only (the block-causal mask).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -138,3 +139,23 @@ def single_step_schedule(num_tokens: int) -> Schedule:
     whole image is produced by the velocity head; pair it with a joint head."""
     n = num_tokens
     return Schedule(n, [Stage(src_idx=torch.full((n,), -1), tgt_idx=torch.arange(n), step_of_row=torch.zeros(n, dtype=torch.long))])
+
+
+T = TypeVar("T")
+
+
+def per_module(setting: T | Sequence[T], stage: int) -> T:
+    """Stage ``stage``'s setting (a solver, a ``SampleConfig``): ``setting[stage]`` when one is
+    given per stage (a list or tuple), else ``setting`` itself."""
+    return setting[stage] if isinstance(setting, (list, tuple)) else setting
+
+
+def gather_inputs(tokens_BND: Tensor, src_idx: Tensor) -> Tensor:
+    """The token feeding each row, zeros for rows fed by the start embedding (``src = -1``).
+    ``src_idx`` is ``(L,)``, or ``(B, L)`` when rows are fed differently per image."""
+    idx = src_idx.clamp(min=0)
+    if idx.dim() == 1:
+        x = tokens_BND[:, idx]
+    else:
+        x = tokens_BND.gather(1, idx[..., None].expand(-1, -1, tokens_BND.shape[-1]))
+    return x * (src_idx >= 0).unsqueeze(-1).to(x.dtype)

@@ -1,0 +1,55 @@
+"""Plugins from validated specs, and the rules across parts of a config.
+
+Below ``config`` and ``experiment`` in the import order: ``config.validate_config`` runs
+:func:`check_compatibility` and ``experiment.build_experiment`` uses :func:`make`, so this module
+imports neither (``cfg`` is an ``ExperimentConfig``, ``component`` a ``ComponentSpec``, used by
+their fields only).
+"""
+
+from __future__ import annotations
+
+from nestar_lab.registry import get_registry
+
+
+def make(kind: str, component, **kwargs):
+    """Instantiate plugin ``component.name`` of ``kind`` with its validated params."""
+    cls = get_registry().get(kind, component.name)
+    return cls(cls.Params.model_validate(component.params), **kwargs)
+
+
+def data_parts(cfg):
+    """The dataset, tokenizer and token order of ``cfg`` (an ``ExperimentConfig``)."""
+    dataset = make("dataset", cfg.dataset)
+    tokenizer = make("tokenizer", cfg.tokenizer, image_shape=dataset.image_shape)
+    order = make("token_order", cfg.token_order, grid=tokenizer.latent_shape[1:])
+    return dataset, tokenizer, order
+
+
+def check_compatibility(cfg) -> list[str]:
+    """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines."""
+    try:
+        _, tokenizer, order = data_parts(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        return [f"tokenizer.params: {exc}"]
+    gen_cls = get_registry().get("generator", cfg.generator.name)
+    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
+    try:
+        schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
+    except ValueError as exc:
+        return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
+    return check_modules(cfg, len(schedule.stages), gen_cls.shares_weights(gen_params))
+
+
+def check_modules(cfg, num_modules: int, shared: bool) -> list[str]:
+    """``modules:`` against the schedule: every number names a module (1..M, M the schedule's
+    stages), and sizes differ per module only where each module has its own network."""
+    errors = []
+    for number, entry in sorted(cfg.modules.items()):
+        if number > num_modules:
+            errors.append(f"modules.{number}: {cfg.generator.name} has {num_modules} module"
+                          f"{'s' if num_modules > 1 else ''} here (modules.1..{num_modules})")  # fmt: skip
+        elif entry.scale_module is not None and shared and num_modules > 1:
+            errors.append(f"modules.{number}.scale_module: one network runs all {num_modules} modules "
+                          f"(share_weights), so sizes cannot differ per module; set scale_module.params, "
+                          f"or generator.params.share_weights: false where the generator has it")  # fmt: skip
+    return errors
