@@ -23,25 +23,29 @@ from torch import Tensor, nn
 from nestar_lab import distributed
 from nestar_lab.config import ExperimentConfig, TrainConfig
 from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_indices: public here too)
-from nestar_lab.errors import RunFailed, exit_code_for_signal
+from nestar_lab.errors import exit_code_for_signal
 from nestar_lab.experiment import Experiment, build_experiment
+from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too)
+    TrainingFailed,
+    append_log,
+    book_from_summary,
+    check_weights_finite,
+    cut_log,
+    record_resume,
+    streak_message,
+    writing,
+)
 from nestar_lab.rundir import (
     CHECKPOINT,
-    CONFIG,
     LOG,
-    RESUMES,
     SUMMARY,
     RunDirError,
     check_checkpoint_fits,
     check_writable,
-    json_safe,
     load_checkpoint,
     new_run_dir,
-    os_reason,
     save_checkpoint,
     write_json,
-    write_run_config,
-    write_text,
 )
 
 
@@ -53,17 +57,6 @@ class TrainingInterrupted(RuntimeError):
         self.run_dir, self.step, self.signum = run_dir, step, signum
         self.exit_code = exit_code_for_signal(signum)
         super().__init__(f"interrupted at step {step}; resume with: nestar train --resume {run_dir}")
-
-
-class TrainingFailed(RunFailed, RuntimeError):
-    """A run that cannot go on (non-finite losses or gradients for ``train.max_nonfinite_steps``
-    steps in a row, weights that became non-finite, a run file that could not be written).
-    The message is one line naming the step or file and the last good checkpoint, which is
-    left intact. Exit code 1 on the command line."""
-
-    def __init__(self, message: str, run_dir: Path | None = None, step: int | None = None):
-        self.run_dir, self.step = run_dir, step
-        super().__init__(message)
 
 
 @dataclass
@@ -176,10 +169,10 @@ def train(
         opt.load_state_dict(state["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
         step = int(state["step"])
-        book.update(state.get("run") or _book_from_summary(run_dir))
+        book.update(state.get("run") or book_from_summary(run_dir))
         if info.is_main:
-            changes = _record_resume(cfg, run_dir, step, overrides)
-            _cut_log(run_dir, step)
+            changes = record_resume(cfg, run_dir, step, overrides)
+            cut_log(run_dir, step)
     segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step, "seconds": 0.0}
     if changes:
         segment["changes"] = changes
@@ -190,7 +183,7 @@ def train(
     def checkpoint():
         nonlocal last_good
         segment.update(end_step=step, seconds=time.perf_counter() - start)
-        _check_weights_finite(gen, ema, run_dir, step, last_good)  # every rank: their weights are equal
+        check_weights_finite(gen, ema, run_dir, step, last_good)  # every rank: their weights are equal
         error = None
         if info.is_main:
             run = {"seconds": book["seconds"] + segment["seconds"], "segments": [*book["segments"], dict(segment)],
@@ -198,7 +191,7 @@ def train(
             state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
                      "run": run}  # fmt: skip
             try:
-                with _writing(run_dir / CHECKPOINT, run_dir, last_good, "checkpoint not written"):
+                with writing(run_dir / CHECKPOINT, run_dir, last_good, "checkpoint not written"):
                     save_checkpoint(run_dir, state)
             except TrainingFailed as exc:
                 error = exc
@@ -230,12 +223,12 @@ def train(
                 bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
                 if info.is_main:
                     extra = {"nonfinite_skipped": skipped_total} | ({} if ok else {"skipped": True})
-                    with _writing(run_dir / LOG, run_dir, last_good, "log not written"):
-                        _append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc), extra)
+                    with writing(run_dir / LOG, run_dir, last_good, "log not written"):
+                        append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc), extra)
             bar.update(1)
             if streak >= tc.max_nonfinite_steps:
                 bar.close()
-                raise TrainingFailed(_streak_message(run_dir, step, streak, tc, last_good), run_dir, step)
+                raise TrainingFailed(streak_message(run_dir, step, streak, tc, last_good), run_dir, step)
             for callback in callbacks:
                 callback(step, exp)
             if step % tc.checkpoint_every == 0 or step == tc.steps or pending:
@@ -261,7 +254,7 @@ def train(
                    "world_size": info.world, "effective_batch_size": info.world * tc.batch_size,
                    "nonfinite_skipped": skipped_total, "segments": len(history),
                    "segment_history": history}  # fmt: skip
-        with _writing(run_dir / SUMMARY, run_dir, last_good, "summary not written"):
+        with writing(run_dir / SUMMARY, run_dir, last_good, "summary not written"):
             write_json(run_dir / SUMMARY, summary)
     distributed.barrier(info)
     return result
@@ -284,114 +277,11 @@ def _already_finished(run_dir: Path, state: dict, tc: TrainConfig, info: distrib
                    "nonfinite_skipped": run.get("nonfinite_skipped", 0), "segments": len(segments),
                    "segment_history": segments}  # fmt: skip
         if info.is_main:
-            with _writing(path, run_dir, step, "summary not written"):
+            with writing(path, run_dir, step, "summary not written"):
                 write_json(path, summary)
     return TrainResult(run_dir, step, 0.0, float(summary.get("step_ms_median") or 0.0),
                        summary.get("final_loss") or {}, int(summary.get("nonfinite_skipped") or 0),
                        float(summary.get("seconds") or 0.0), already_finished=True)  # fmt: skip
-
-
-def _book_from_summary(run_dir: Path) -> dict:
-    """Run bookkeeping for a checkpoint written before checkpoints carried it."""
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text())
-        return {"seconds": float(summary.get("seconds") or 0.0), "segments": list(summary.get("segment_history") or [])}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
-
-
-def _record_resume(cfg: ExperimentConfig, run_dir: Path, step: int, overrides: list[str] | None) -> dict:
-    """What a resume changed in the run's config (``{key: {"from": old, "to": new}}``): the new
-    ``config.yaml`` is written and the resume is appended to ``resumes.jsonl``."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((run_dir / CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        saved = None
-    new = cfg.model_dump(mode="json")
-    changes = _diff(saved, new) if isinstance(saved, dict) else {}
-    with _writing(run_dir / CONFIG, run_dir, step, "config not written"):
-        if changes or not isinstance(saved, dict):
-            write_run_config(run_dir, cfg)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "overrides": list(overrides or []),
-             "changes": changes}  # fmt: skip
-    with _writing(run_dir / RESUMES, run_dir, step, "resume not recorded"):
-        with open(run_dir / RESUMES, "a") as f:
-            f.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
-    return changes
-
-
-def _diff(old, new, prefix: str = "") -> dict:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = {}
-        for key in [*old, *(k for k in new if k not in old)]:
-            out |= _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return {} if old == new else {prefix.rstrip("."): {"from": old, "to": new}}
-
-
-def _cut_log(run_dir: Path, step: int) -> None:
-    """Cut ``train_log.jsonl`` back to the checkpoint's ``step`` (atomically), one line per step:
-    the steps a killed segment logged after its last checkpoint are trained, and logged, again."""
-    path = run_dir / LOG
-    if not path.is_file():
-        return
-    text = path.read_text()
-    rows: dict[int, str] = {}
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # half a line from a kill
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            rows[row["step"]] = line  # a step logged twice (by an older version): the later line
-    new = "".join(rows[s] + "\n" for s in sorted(rows))
-    if new != text:
-        with _writing(path, run_dir, step, "log not cut back"):
-            write_text(path, new)
-
-
-@contextmanager
-def _writing(path: Path, run_dir: Path, last_good: int | None, what: str):
-    """Turn an ``OSError`` while writing ``path`` (a full disk, a permission change) into a
-    one-line :class:`TrainingFailed` naming the path, the OS's reason and the checkpoint kept."""
-    try:
-        yield
-    except OSError as exc:
-        kept = (f"the previous checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact"
-                if last_good is not None else "no checkpoint was written before")  # fmt: skip
-        raise TrainingFailed(
-            f"{path}: {what}: {os_reason(exc)}; {kept}; free space or fix the directory, then "
-            f"resume with `nestar train --resume {run_dir}`",
-            run_dir,
-        ) from exc
-
-
-def _streak_message(run_dir: Path, step: int, streak: int, tc: TrainConfig, last_good: int | None) -> str:
-    head = (f"training failed at step {step}: loss or gradient not finite for {streak} steps in a row "
-            f"(steps {step - streak + 1}-{step}, train.max_nonfinite_steps={tc.max_nonfinite_steps}); ")  # fmt: skip
-    if last_good is None:
-        return head + (f"no checkpoint was written before; start again with a lower train.lr "
-                       f"(`nestar train CONFIG --run-dir {run_dir} --overwrite --set train.lr=...`)")  # fmt: skip
-    return head + (f"the last good checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact; resume it with "
-                   f"a lower train.lr (`nestar train --resume {run_dir} --set train.lr=...`)")  # fmt: skip
-
-
-def _check_weights_finite(gen, ema: EMA, run_dir: Path, step: int, last_good: int | None) -> None:
-    """Before a checkpoint: weights that became non-finite (a finite gradient times a huge
-    learning rate) never reach the file; training cannot recover from them."""
-    tensors = [p.detach() for p in gen.parameters()] + list(ema.shadow.values())
-    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        return
-    where = (f"the last good checkpoint {run_dir / CHECKPOINT} (step {last_good}) is intact; resume it"
-             if last_good is not None else "no checkpoint was written before; start again")  # fmt: skip
-    raise TrainingFailed(
-        f"training failed at step {step}: the weights became non-finite (the learning rate is too large for "
-        f"them); {where} with a lower train.lr",
-        run_dir,
-        step,
-    )
 
 
 def _shared_run_dir(cfg: ExperimentConfig, run_dir, resume: bool, overwrite: bool, info: distributed.DistInfo) -> Path:
@@ -526,13 +416,6 @@ def make_optimizer(exp: Experiment):
     tc = exp.cfg.train
     opt = torch.optim.AdamW(decay_groups(exp.generator, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
-
-
-def _append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float, extra: dict | None = None) -> None:
-    """One JSON line per logged step; non-finite values are written as null (valid JSON)."""
-    row = json_safe({"step": step, "lr": lr, **losses, **(extra or {})})
-    with open(run_dir / LOG, "a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def _progress(total: int, initial: int, enabled: bool):
