@@ -56,7 +56,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     dataset, tokenizer, order = data_parts(cfg)
     gen_cls = get_registry().get("generator", cfg.generator.name)
     gen_params = gen_cls.Params.model_validate(cfg.generator.params)
-    schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
+    schedule = gen_cls.schedule_for(gen_params, order.num_tokens)
     spec = ScaleModuleSpec(
         token_dim=tokenizer.latent_shape[0],
         num_classes=dataset.num_classes,

@@ -17,6 +17,8 @@ from nestar_lab import losses, sample
 from nestar_lab.interfaces import Plugin, Rows, ScaleModule, TokenSample
 from nestar_lab.schedule import Schedule, coordination_rows, gather_inputs, per_module  # noqa: F401  (public here too)
 
+_SCHEDULES: dict[tuple, Schedule] = {}  # Generator.schedule_for's memo, oldest first
+
 
 class Generator(Plugin, nn.Module, ABC):
     """A schedule of stages and the scale modules that run them.
@@ -30,11 +32,23 @@ class Generator(Plugin, nn.Module, ABC):
     def __init__(self, params=None, *, num_tokens: int, make_module: Callable[..., ScaleModule]):
         nn.Module.__init__(self)
         Plugin.__init__(self, params)
-        self.schedule = self.build_schedule(self.params, num_tokens)
+        self.schedule = self.schedule_for(self.params, num_tokens)
         self.schedule.validate()
         count = 1 if self.shares_weights(self.params) else len(self.schedule.stages)
         self.nets = nn.ModuleList(self.build_nets(make_module, count))
         self._rows: dict[tuple, object] = {}  # rows, masks and patch ids, built once per device
+
+    @classmethod
+    def schedule_for(cls, params, num_tokens: int) -> Schedule:
+        """:meth:`build_schedule`, built once per generator class, params and token count (the
+        config check, :func:`~nestar_lab.experiment.build_experiment` and the constructor share
+        it; a schedule is never changed once built)."""
+        key = (cls, params.model_dump_json(), num_tokens)
+        if key not in _SCHEDULES:
+            if len(_SCHEDULES) >= 32:
+                _SCHEDULES.pop(next(iter(_SCHEDULES)))
+            _SCHEDULES[key] = cls.build_schedule(params, num_tokens)
+        return _SCHEDULES[key]
 
     @classmethod
     def shares_weights(cls, params) -> bool:

@@ -94,6 +94,14 @@ class Tokenizer(Plugin, nn.Module, ABC):
         Plugin.__init__(self, params)
         self.image_shape = tuple(image_shape)
 
+    @classmethod
+    def latent_shape_for(cls, params, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The latent shape for validated ``params`` and ``image_shape``; ``ValueError`` when
+        impossible. Config validation asks this instead of building the tokenizer, so a check
+        reads no weights. Default: build the tokenizer and read its ``latent_shape`` (a
+        tokenizer with a network overrides this with arithmetic over its params)."""
+        return tuple(cls(params, image_shape=image_shape).latent_shape)
+
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """Images in [-1, 1] -> latents ``(B, c, h, w)``."""

@@ -26,15 +26,22 @@ def data_parts(cfg):
 
 
 def check_compatibility(cfg) -> list[str]:
-    """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines."""
+    """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines.
+
+    Cheap: the tokenizer's latent shape comes from its class (``latent_shape_for``, no network,
+    no weights), and the schedule is the one the generator will use (``schedule_for``)."""
+    registry = get_registry()
     try:
-        _, tokenizer, order = data_parts(cfg)
+        dataset = make("dataset", cfg.dataset)  # knows image_shape without loading data
+        tok_cls = registry.get("tokenizer", cfg.tokenizer.name)
+        latent_shape = tok_cls.latent_shape_for(tok_cls.Params.model_validate(cfg.tokenizer.params), dataset.image_shape)
+        order = make("token_order", cfg.token_order, grid=latent_shape[1:])
     except (ValueError, FileNotFoundError) as exc:
         return [f"tokenizer.params: {exc}"]
-    gen_cls = get_registry().get("generator", cfg.generator.name)
+    gen_cls = registry.get("generator", cfg.generator.name)
     gen_params = gen_cls.Params.model_validate(cfg.generator.params)
     try:
-        schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
+        schedule = gen_cls.schedule_for(gen_params, order.num_tokens)
     except ValueError as exc:
         return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
     return check_modules(cfg, len(schedule.stages), gen_cls.shares_weights(gen_params))

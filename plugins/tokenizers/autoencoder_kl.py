@@ -30,22 +30,32 @@ class AutoencoderKLTokenizer(Tokenizer):
 
     def __init__(self, params=None, *, image_shape):
         super().__init__(params, image_shape=image_shape)
-        config = self.vae_config()
-        c, h, w = self.image_shape
-        factor = 2 ** (len(config["block_out_channels"]) - 1)
-        if c != config.get("in_channels", 3):
-            raise ValueError(f"{type(self).__name__} takes {config.get('in_channels', 3)}-channel images, not {c}")
-        if h % factor or w % factor:
-            raise ValueError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {factor}")
-        self.latent_shape = (int(config["latent_channels"]), h // factor, w // factor)
+        config = self.vae_config(self.params)
+        self.latent_shape = self._latent_shape(config, self.image_shape)
         scaling = getattr(self.params, "scaling_factor", None)
         self.scaling_factor = float(scaling if scaling is not None else config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)  # SD3/Flux VAEs; 0 for LDM/MAR
         self.vae = self.build_vae(config).float().eval().requires_grad_(False)
 
+    @classmethod
     @abstractmethod
-    def vae_config(self) -> dict[str, Any]:
-        """The AutoencoderKL config (diffusers keys), known before building the network."""
+    def vae_config(cls, params) -> dict[str, Any]:
+        """The AutoencoderKL config (diffusers keys) for ``params``, known before building the
+        network (it may read a config file, never the weights)."""
+
+    @classmethod
+    def latent_shape_for(cls, params, image_shape):
+        return cls._latent_shape(cls.vae_config(params), image_shape)
+
+    @classmethod
+    def _latent_shape(cls, config: dict[str, Any], image_shape) -> tuple[int, int, int]:
+        c, h, w = image_shape
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        if c != config.get("in_channels", 3):
+            raise ValueError(f"{cls.__name__} takes {config.get('in_channels', 3)}-channel images, not {c}")
+        if h % factor or w % factor:
+            raise ValueError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {factor}")
+        return (int(config["latent_channels"]), h // factor, w // factor)
 
     @abstractmethod
     def build_vae(self, config: dict[str, Any]) -> torch.nn.Module:

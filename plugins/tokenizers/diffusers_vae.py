@@ -29,8 +29,9 @@ class DiffusersVAE(AutoencoderKLTokenizer):
         scaling_factor: float | None = Field(None, gt=0, description="latent multiplier; null = the model config's")
         sample_posterior: bool = False
 
-    def _paths(self) -> tuple[Path, Path]:
-        path = Path(self.params.path).expanduser()
+    @staticmethod
+    def _paths(params) -> tuple[Path, Path]:
+        path = Path(params.path).expanduser()
         if not path.exists():
             raise FileNotFoundError(
                 f"AutoencoderKL not found at {path} (tokenizer.params.path); give a local diffusers directory "
@@ -40,18 +41,19 @@ class DiffusersVAE(AutoencoderKLTokenizer):
         if path.is_dir():
             config = path / "config.json"
         else:
-            config = Path(self.params.config).expanduser() if self.params.config else path.with_name("config.json")
+            config = Path(params.config).expanduser() if params.config else path.with_name("config.json")
         if not config.is_file():
             raise FileNotFoundError(f"AutoencoderKL config not found at {config} (tokenizer.params.config)")
         return path, config
 
-    def vae_config(self) -> dict[str, Any]:
-        return json.loads(self._paths()[1].read_text())
+    @classmethod
+    def vae_config(cls, params) -> dict[str, Any]:
+        return json.loads(cls._paths(params)[1].read_text())
 
     def build_vae(self, config: dict[str, Any]) -> AutoencoderKL:
         from diffusers import AutoencoderKL
 
-        path, _ = self._paths()
+        path, _ = self._paths(self.params)
         if path.is_dir():
             return AutoencoderKL.from_pretrained(path, local_files_only=True)
         vae = AutoencoderKL.from_config(config)

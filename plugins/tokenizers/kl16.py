@@ -39,18 +39,19 @@ class KL16(AutoencoderKLTokenizer):
         block_out_channels: tuple[int, ...] = Field((128, 128, 256, 256, 512), min_length=1)
         layers_per_block: int = Field(2, ge=1)
 
-    def vae_config(self) -> dict[str, Any]:
-        levels = len(self.params.block_out_channels)
+    @classmethod
+    def vae_config(cls, params) -> dict[str, Any]:
+        levels = len(params.block_out_channels)
         return dict(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * (levels - 1) + ("AttnDownEncoderBlock2D",),
             up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(self.params.block_out_channels),
-            layers_per_block=self.params.layers_per_block,
+            block_out_channels=tuple(params.block_out_channels),
+            layers_per_block=params.layers_per_block,
             latent_channels=16,
             mid_block_add_attention=True,
-            scaling_factor=self.params.scaling_factor,
+            scaling_factor=params.scaling_factor,
         )
 
     def build_vae(self, config: dict[str, Any]) -> AutoencoderKL:

@@ -18,11 +18,15 @@ class Pixels(Tokenizer):
 
     def __init__(self, params=None, *, image_shape):
         super().__init__(params, image_shape=image_shape)
-        c, h, w = self.image_shape
-        p = self.params.patch_size
+        self.latent_shape = self.latent_shape_for(self.params, self.image_shape)
+
+    @classmethod
+    def latent_shape_for(cls, params, image_shape):
+        c, h, w = image_shape
+        p = params.patch_size
         if h % p or w % p:
             raise ValueError(f"patch_size {p} does not divide the image size {h}x{w}")
-        self.latent_shape = (c * p * p, h // p, w // p)
+        return (c * p * p, h // p, w // p)
 
     def encode(self, images: Tensor) -> Tensor:
         p = self.params.patch_size

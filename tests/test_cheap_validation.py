@@ -1,0 +1,73 @@
+"""Validating a config is cheap (issue 11): no tokenizer is built (its latent shape comes from
+its class), and load_config + build_experiment build the tokenizer and the schedule once each."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from nestar_lab import generator as generator_module
+from nestar_lab.config import load_config
+from nestar_lab.experiment import build_experiment
+from nestar_lab.interfaces import Tokenizer
+from nestar_lab.registry import get_registry
+from conftest import TINY
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """Constructions of every tokenizer and calls of the tiny generator's ``build_schedule``."""
+    seen = {"tokenizer": 0, "schedule": 0}
+    init = Tokenizer.__init__
+
+    def counted_init(self, *args, **kwargs):
+        seen["tokenizer"] += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "__init__", counted_init)
+    gen_cls = get_registry().get("generator", TINY["generator"]["name"])
+    build = gen_cls.build_schedule.__func__
+
+    def counted_build(cls, params, num_tokens):
+        seen["schedule"] += 1
+        return build(cls, params, num_tokens)
+
+    monkeypatch.setattr(gen_cls, "build_schedule", classmethod(counted_build))
+    monkeypatch.setattr(generator_module, "_SCHEDULES", {})  # nothing left from other tests
+    return seen
+
+
+def _write(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_load_config_builds_no_tokenizer_and_build_experiment_builds_each_part_once(tmp_path, counts):
+    cfg = load_config(_write(tmp_path, copy.deepcopy(TINY)))
+    assert counts == {"tokenizer": 0, "schedule": 1}
+    exp = build_experiment(cfg)
+    assert counts == {"tokenizer": 1, "schedule": 1}
+    assert exp.generator.schedule is generator_module.Generator.schedule_for.__func__(
+        type(exp.generator), exp.generator.params, exp.order.num_tokens)  # fmt: skip
+
+
+def test_a_bad_patch_size_is_reported_without_building_the_tokenizer(tmp_path, counts):
+    from nestar_lab.config import ConfigError
+
+    raw = copy.deepcopy(TINY)
+    raw["tokenizer"]["params"]["patch_size"] = 3
+    with pytest.raises(ConfigError, match="patch_size 3 does not divide"):
+        load_config(_write(tmp_path, raw))
+    assert counts["tokenizer"] == 0
+
+
+def test_vae_latent_shape_comes_from_params_alone(tmp_path):
+    """KL-16's latent shape needs neither its weights (here missing) nor its network."""
+    kl16 = get_registry().get("tokenizer", "kl16")
+    params = kl16.Params(weights=str(tmp_path / "missing.ckpt"))
+    assert kl16.latent_shape_for(params, (3, 256, 256)) == (16, 16, 16)
+    with pytest.raises(ValueError, match="downsampling factor 16"):
+        kl16.latent_shape_for(params, (3, 200, 200))
