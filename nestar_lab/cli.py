@@ -348,10 +348,10 @@ def cmd_study(args) -> int:
         print(f"study {spec.name}: {len(states)} trials {counts}; report: nestar study report {args.study}")
         return 0
     out = report(spec, args.storage)
-    for t in out["best"]:
+    for t in out.best:
         print(f"best trial {t.number}: values {t.values} params {t.params} run {t.user_attrs.get('run_id')}")
-    print(to_markdown(out["table"]))
-    print(f"table and plots in {out['out_dir']}: {', '.join(p.name for p in out['plots']) or 'no plots'}")
+    print(to_markdown(out.table))
+    print(f"table and plots in {out.out_dir}: {', '.join(p.name for p in out.plots) or 'no plots'}")
     return 0
 
 

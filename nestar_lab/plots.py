@@ -52,3 +52,71 @@ def plot_tradeoff(df: pd.DataFrame, x: str, y: str, out: str | Path, label: str 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_study(study, objectives: list[str], has_space: bool, out_dir: Path) -> list[Path]:
+    """An Optuna study's PNGs in ``out_dir``: optimisation history (first objective), parameter
+    importances (two or more complete trials and a search space), the Pareto front (several
+    objectives), and the velocity disagreement curves (:func:`plot_disagreement`). A plot that
+    cannot be drawn (e.g. too few trials for importances) is skipped with a note on stderr."""
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ov
+
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    first = objectives[0]
+    makers = {"history": lambda: ov.plot_optimization_history(study, target=lambda t: t.values[0], target_name=first)}
+    if len(complete) >= 2 and has_space:
+        makers["importances"] = lambda: ov.plot_param_importances(study, target=lambda t: t.values[0], target_name=first)
+    if len(objectives) > 1 and complete:
+        makers["pareto"] = lambda: ov.plot_pareto_front(study, target_names=objectives)
+    plots = []
+    for name, make in makers.items():
+        try:
+            make()
+            path = Path(out_dir) / f"{name}.png"
+            plt.gcf().set_size_inches(7, 4.5)
+            plt.tight_layout()
+            plt.savefig(path, dpi=110)
+            plots.append(path)
+        except (ValueError, RuntimeError) as exc:  # e.g. too few trials for importances
+            print(f"plot {name} skipped: {exc}", file=sys.stderr)
+        finally:
+            plt.close("all")
+    curve = plot_disagreement(study, Path(out_dir) / "disagreement.png")
+    return plots + ([curve] if curve else [])
+
+
+def plot_disagreement(study, path: Path) -> Path | None:
+    """Velocity disagreement of adjacent modules over training, one line per trial and pair."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    drawn = False
+    for t in study.get_trials(deepcopy=False):
+        log = Path(t.user_attrs.get("run_dir", "")) / "train_log.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        keys = sorted({k for r in rows for k in r if k.startswith("disagree_")})
+        label = ", ".join(f"{k.split('.')[0]}={v}" for k, v in t.params.items()) or f"trial {t.number}"
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*pts), label=f"{label} [{key}]")
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean ||v_m - v_(m-1)||^2 on module m-1's tokens")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return path if drawn else None

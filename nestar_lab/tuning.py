@@ -36,14 +36,18 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
+
+if TYPE_CHECKING:  # annotations only (pandas is imported where tables are made)
+    import pandas as pd
 
 from nestar_lab.config import ConfigError, read_yaml, validate_config
 from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
@@ -536,73 +540,31 @@ def trials_table(study: optuna.Study, spec: StudySpec):
     return df
 
 
-def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Best trial(s), the joined table, and PNG plots (history, importances, Pareto front)."""
-    import matplotlib
+@dataclass(frozen=True)
+class StudyReport:
+    """What :func:`report` made: the best trial(s), the joined trials table (also written to
+    ``table_path``) and the PNG plots, all under ``out_dir``."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ov
+    study: optuna.Study
+    best: list[optuna.trial.FrozenTrial]  # the best trial, or the Pareto front's; empty before any completes
+    table: pd.DataFrame  # :func:`trials_table`
+    table_path: Path  # trials.csv
+    plots: list[Path]
+    out_dir: Path
+
+
+def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> StudyReport:
+    """Best trial(s), the joined table (``trials.csv``), and PNG plots (history, importances,
+    Pareto front, velocity disagreement: :func:`nestar_lab.plots.plot_study`)."""
+    from nestar_lab.plots import plot_study
 
     study = open_study(spec, storage)
     out_dir = Path(out_dir or spec.study_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     best = study.best_trials if complete else []
-    plots = []
-    names = [o.metric for o in spec.objectives]
-    makers = {"history": lambda: ov.plot_optimization_history(study, target=lambda t: t.values[0], target_name=names[0])}
-    if len(complete) >= 2 and spec.space:
-        makers["importances"] = lambda: ov.plot_param_importances(
-            study, target=lambda t: t.values[0], target_name=names[0]
-        )
-    if len(spec.objectives) > 1 and complete:
-        makers["pareto"] = lambda: ov.plot_pareto_front(study, target_names=names)
-    for name, make in makers.items():
-        try:
-            make()
-            path = out_dir / f"{name}.png"
-            plt.gcf().set_size_inches(7, 4.5)
-            plt.tight_layout()
-            plt.savefig(path, dpi=110)
-            plots.append(path)
-        except (ValueError, RuntimeError) as exc:  # e.g. too few trials for importances
-            print(f"plot {name} skipped: {exc}", file=sys.stderr)
-        finally:
-            plt.close("all")
-    curve = _plot_disagreement(study, out_dir / "disagreement.png")
-    if curve:
-        plots.append(curve)
+    plots = plot_study(study, [o.metric for o in spec.objectives], bool(spec.space), out_dir)
     table = trials_table(study, spec)
-    table.to_csv(out_dir / "trials.csv", index=False)
-    return {"study": study, "best": best, "table": table, "plots": plots, "out_dir": out_dir}
-
-
-def _plot_disagreement(study: optuna.Study, path: Path) -> Path | None:
-    """Velocity disagreement of adjacent modules over training, one line per trial and pair."""
-    import json
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    drawn = False
-    for t in study.get_trials(deepcopy=False):
-        log = Path(t.user_attrs.get("run_dir", "")) / "train_log.jsonl"
-        if not log.is_file():
-            continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        keys = sorted({k for r in rows for k in r if k.startswith("disagree_")})
-        label = ", ".join(f"{k.split('.')[0]}={v}" for k, v in t.params.items()) or f"trial {t.number}"
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), label=f"{label} [{key}]")
-            drawn = True
-    if drawn:
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean ||v_m - v_(m-1)||^2 on module m-1's tokens")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
-    return path if drawn else None
+    table_path = out_dir / "trials.csv"
+    table.to_csv(table_path, index=False)
+    return StudyReport(study=study, best=list(best), table=table, table_path=table_path, plots=plots, out_dir=out_dir)
