@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from nestar_lab import losses, sample
-from nestar_lab.interfaces import Plugin, Rows, ScaleModule, TokenSample
+from nestar_lab.interfaces import PassOptions, Plugin, Rows, ScaleModule, TokenSample
 from nestar_lab.schedule import Schedule, coordination_rows, gather_inputs, per_module  # noqa: F401  (public here too)
 
 _SCHEDULES: dict[tuple, Schedule] = {}  # Generator.schedule_for's memo, oldest first
@@ -67,14 +67,15 @@ class Generator(Plugin, nn.Module, ABC):
     def build_schedule(cls, params, num_tokens: int) -> Schedule:
         """The schedule for ``num_tokens`` tokens; raise ``ValueError`` when impossible."""
 
-    def training_losses(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
+    def training_losses(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng,
+                        options: PassOptions = PassOptions()):  # fmt: skip
         """The batch's losses. Default: the schedule's teacher-forced pass (``losses.py``);
         generators whose steps are not fixed rows (e.g. MAR's random masking) override this."""
-        return losses.training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options)
+        return losses.training_losses(self, tokens_BND, labels_B, flow, coordination, rng, options)
 
-    def forward(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, **options):
+    def forward(self, tokens_BND: Tensor, labels_B: Tensor, flow, coordination, rng, options: PassOptions = PassOptions()):
         """Training losses (:meth:`training_losses`): the call DDP wraps."""
-        return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, **options)
+        return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, options)
 
     def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> TokenSample:
         """Tokens for ``labels`` with their NFE (in all and per stage) and context passes.

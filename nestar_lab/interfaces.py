@@ -160,6 +160,30 @@ class TokenOrder(Plugin, ABC):
         return cells.transpose(1, 2).reshape(b, c, *self.grid)
 
 
+# ----------------------------------------------------------------------------- training pass
+@dataclass(frozen=True)
+class PassOptions:
+    """What one training pass (``Generator.training_losses``) computes besides every stage's loss.
+
+    ``stages``: train only these stages (0-based; ``None``: all), as progressive pre-training
+    asks (``train.pretrain_steps``); a generator that cannot train a subset raises
+    ``ValueError`` (see :meth:`check_one_stage`). ``measure_disagreement``: also log
+    ``disagree_m`` between adjacent modules (never part of the loss; a no-op without them).
+    """
+
+    stages: frozenset[int] | None = None
+    measure_disagreement: bool = False
+
+    def __post_init__(self):
+        if self.stages is not None:
+            object.__setattr__(self, "stages", frozenset(self.stages))
+
+    def check_one_stage(self, who: str) -> None:
+        """For a generator with one stage: ``stages`` may only be all of it (``None`` or ``{0}``)."""
+        if self.stages is not None and self.stages != {0}:
+            raise ValueError(f"{who} trains one stage (stage 0); it cannot train stages {sorted(self.stages)}")
+
+
 # ----------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class ScaleModuleSpec:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nestar_lab.flow import FlowConfig, draw_path
 from nestar_lab.schedule import gather_inputs
-from nestar_lab.interfaces import CoordinationObjective, CoordinationPair
+from nestar_lab.interfaces import CoordinationObjective, CoordinationPair, PassOptions
 
 
 @dataclass
@@ -35,19 +35,18 @@ def training_losses(
     flow: FlowConfig,
     coordination: CoordinationObjective | None,
     rng: torch.Generator,
-    *,
-    stages: set[int] | None = None,
-    measure_disagreement: bool = False,
+    options: PassOptions = PassOptions(),
 ) -> LossOutput:
-    """Flow-matching losses of the stages (all, or ``stages``) and the coordination loss
+    """Flow-matching losses of the stages (all, or ``options.stages``) and the coordination loss
     (none when ``coordination`` is None).
 
     Each token gets ``flow.batch_mul`` (noise, time) draws shared by every module that
     predicts it, so the coordination pair sees both modules at the same ``(y_t, t)``; with a
     joint head the time is one per patch (:meth:`Generator.time_groups`), as in sampling.
-    ``measure_disagreement`` adds ``disagree_m``: mean ||v_m - v_(m-1)||^2 on module m-1's
+    ``options.measure_disagreement`` adds ``disagree_m``: mean ||v_m - v_(m-1)||^2 on module m-1's
     tokens, logged whether or not the objective uses it (it is never part of the loss).
     """
+    stages, measure_disagreement = options.stages, options.measure_disagreement
     device = tokens_BND.device
     path = draw_path(tokens_BND, flow, rng, gen.time_groups(device))  # (mul, B, n, ...) over all tokens
     parts: dict[str, Tensor] = {}

@@ -25,6 +25,7 @@ from nestar_lab.config import ExperimentConfig, TrainConfig
 from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_indices: public here too)
 from nestar_lab.errors import exit_code_for_signal
 from nestar_lab.experiment import Experiment, build_experiment
+from nestar_lab.interfaces import PassOptions
 from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too)
     TrainingFailed,
     append_log,
@@ -356,7 +357,7 @@ def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor
     with exp.autocast()():
         out = model(
             tokens, y, cfg.flow, exp.coordination, rng,
-            stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0,
+            PassOptions(stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0),
         )  # fmt: skip
     opt.zero_grad(set_to_none=True)
     out.total.backward()

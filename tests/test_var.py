@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from nestar_lab.config import SampleConfig, validate_config
 from nestar_lab.experiment import build_experiment
 from nestar_lab.flow import FlowConfig
-from nestar_lab.interfaces import Rows, ScaleModuleSpec
+from nestar_lab.interfaces import PassOptions, Rows, ScaleModuleSpec
 from nestar_lab.registry import get_registry
 from nestar_lab.sample import Sampler
 from nestar_plugins.generators.var import VAR
@@ -128,7 +128,7 @@ def test_custom_scales_and_progressive_stages():
     tokens, nfe = out.tokens, out.nfe
     assert tokens.shape == (1, 36, 2) and nfe == 3
     out = gen.training_losses(torch.randn(2, 36, 2), torch.tensor([0, 1]), FlowConfig(), None, torch.Generator(),
-                              stages={0})  # fmt: skip
+                              PassOptions(stages={0}))  # fmt: skip
     torch.testing.assert_close(out.parts["flow_1"], out.parts["mse_1x1"])
 
 

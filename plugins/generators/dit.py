@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator, per_module
-from nestar_lab.interfaces import Params, ScaleModuleSpec, TokenSample
+from nestar_lab.interfaces import Params, PassOptions, ScaleModuleSpec, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, single_step_schedule
 from nestar_plugins.scale_modules.layers import AdaLNAttnBlock, _modulate, sincos_2d, timestep_features
@@ -84,7 +84,10 @@ class DiT(Generator):
                              f"{type(module).__name__} has no {', '.join(missing)}")  # fmt: skip
         return [DiffusionTransformer(module.spec, p.width, p.depth, p.heads, p.mlp_ratio)]
 
-    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options) -> LossOutput:
+    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, options=PassOptions()) -> LossOutput:
+        """One stage: ``options.stages`` other than stage 0 is an error; no adjacent modules, so
+        ``options.measure_disagreement`` logs nothing."""
+        options.check_one_stage("DiT")
         n = tokens_BND.shape[1]
         one_patch = torch.zeros(n, dtype=torch.long, device=tokens_BND.device)
         ps = draw_path(tokens_BND, flow, rng, one_patch, draws=1)

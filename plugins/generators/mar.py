@@ -10,7 +10,7 @@ from torch import Tensor
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator, gather_inputs, per_module
-from nestar_lab.interfaces import Params, Rows, TokenSample
+from nestar_lab.interfaces import Params, PassOptions, Rows, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, Stage
 
@@ -83,7 +83,10 @@ class MAR(Generator):
         rows = Rows(torch.where(known_Bn, arange, -1), arange)
         return self.net(0)(gather_inputs(tokens_BND, rows.src_idx), rows, labels_B, stage=0)
 
-    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options) -> LossOutput:
+    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, options=PassOptions()) -> LossOutput:
+        """One stage: ``options.stages`` other than stage 0 is an error; no adjacent modules, so
+        ``options.measure_disagreement`` logs nothing."""
+        options.check_one_stage("MAR")
         B, n, _ = tokens_BND.shape
         device = tokens_BND.device
         rank_Bn = random_orders(B, n, rng, device).argsort(dim=1)  # each token's place in its image's order

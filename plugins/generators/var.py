@@ -12,7 +12,7 @@ from torch import Tensor
 
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator, per_module
-from nestar_lab.interfaces import Params, Rows, TokenSample
+from nestar_lab.interfaces import Params, PassOptions, Rows, TokenSample
 from nestar_lab.losses import LossOutput
 from nestar_lab.schedule import Schedule, Stage
 
@@ -115,7 +115,9 @@ class VAR(Generator):
         inputs = [grid.new_zeros(B, s0 * s0, d)] + [flat(self._upsample(m, s)) for m, s in zip(maps, self.scales[1:])]
         return torch.cat(inputs, 1), torch.cat([flat(m) for m in maps], 1)
 
-    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, **options) -> LossOutput:
+    def training_losses(self, tokens_BND, labels_B, flow, coordination, rng, options=PassOptions()) -> LossOutput:
+        """``options.stages`` selects scales (progressive training); one network, no adjacent
+        modules, so ``options.measure_disagreement`` logs nothing."""
         device = tokens_BND.device
         rows, net = self._pyramid_rows(device), self.net(0)
         x_in, x1 = self.pyramid(tokens_BND)
@@ -123,7 +125,7 @@ class VAR(Generator):
         ps = draw_path(x1, flow, rng, rows.groups if net.joint_head else None)  # joint: one time per scale
         err_P = (net.velocity(ps.y_t, ps.t, cond, rows.groups).float() - ps.target).pow(2).mean((0, 1, 3))
         parts = {f"mse_{s}x{s}": err_P[a:b].mean().detach() for (a, b), s in zip(self.bounds, self.scales)}
-        if (active := options.get("stages")) is not None:  # progressive training: these scales only
+        if (active := options.stages) is not None:  # progressive training: these scales only
             err_P = err_P[torch.isin(rows.stages, torch.tensor(sorted(active), device=device))]
         parts = {"flow_1": err_P.mean(), **parts}  # every pyramid token weighs the same
         return LossOutput(total=parts["flow_1"], parts=parts)
