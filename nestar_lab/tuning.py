@@ -37,176 +37,30 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 if TYPE_CHECKING:  # annotations only (pandas is imported where tables are made)
     import pandas as pd
 
 from nestar_lab.config import ConfigError, read_yaml, validate_config
+from nestar_lab.storage import (  # noqa: F401  (re-exported: the study API lives here)
+    FINISHED,
+    StudyFailed,
+    default_storage,
+    fail_stale,
+    make_storage,
+    open_study,
+    tally,
+    _retry_now,
+)
 from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-_RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
-MAX_RETRIES = 3  # a lost trial is re-queued at most this many times (then a new trial is sampled)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward ``--trials``
-HEARTBEAT_KEY = "nestar:heartbeat"  # journal storage: the last heartbeat (seconds since the epoch)
-
-
-class StudyFailed(RuntimeError):
-    """A study run that did not end as asked (a worker died, errors in a row, interrupted).
-    ``exit_code``: what ``nestar study run`` exits with. The message is one line."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def default_storage(spec: StudySpec) -> str:
-    """An SQLite file inside the study's directory: embedded, nothing to set up."""
-    spec.study_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(spec.study_dir / 'study.db').resolve()}"
-
-
-def _retry_callback():
-    return _RETRY(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
-
-
-class _RDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage (heartbeats in its own table, timed by the database's clock), which
-    also fails a RUNNING trial that never sent a heartbeat (its worker died between creating
-    the trial and the first beat) once it started longer than the grace period ago."""
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        try:
-            from optuna.storages._rdb import models
-
-            cutoff = datetime.now() - timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
-            session = self.scoped_session()
-            try:
-                beating = session.query(models.TrialHeartbeatModel.trial_id)
-                rows = (
-                    session.query(models.TrialModel.trial_id)
-                    .filter(models.TrialModel.study_id == study_id)
-                    .filter(models.TrialModel.state == TrialState.RUNNING)
-                    .filter(~models.TrialModel.trial_id.in_(beating))
-                    .all()
-                )
-            finally:
-                session.close()
-            for (trial_id,) in rows:
-                started = self.get_trial(trial_id).datetime_start  # local time, as optuna gives it
-                if started is not None and started.tzinfo is not None:
-                    started = started.astimezone().replace(tzinfo=None)
-                if trial_id not in stale and started is not None and started < cutoff:
-                    stale.append(trial_id)
-        except Exception:  # optuna internals moved: optuna's own detection still holds
-            pass
-        return stale
-
-
-class _JournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
-    """Journal storage with heartbeats (optuna's journal has none): each beat is a trial system
-    attribute holding the wall-clock time; a RUNNING trial whose last beat (or start) is older
-    than the grace period is stale. Machines sharing a journal need clocks within the grace."""
-
-    def __init__(self, backend, heartbeat_interval: int, grace_period: int, callback) -> None:
-        super().__init__(backend)
-        self.heartbeat_interval, self.grace_period, self._stale_callback = heartbeat_interval, grace_period, callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
-        except (UpdateFinishedTrialError, KeyError):  # failed meanwhile by another process
-            pass
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            started = t.datetime_start.timestamp() if t.datetime_start else now
-            # a retry inherits its origin's attributes, an old beat among them: the start counts too
-            last = max(float(t.system_attrs.get(HEARTBEAT_KEY, 0.0)), started)
-            if now - last > self.grace_period:
-                stale.append(t._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._stale_callback
-
-    def get_failed_trial_callback(self):  # the abstract name in optuna < 4.9
-        return self._stale_callback
-
-
-def make_storage(url: str, heartbeat_seconds: int = 60) -> optuna.storages.BaseStorage:
-    """``journal:PATH`` -> a journal file (shared filesystems); otherwise an SQLAlchemy URL
-    (SQLite, PostgreSQL). Both with heartbeats every ``heartbeat_seconds`` and a grace period of
-    twice that, after which a dead worker's trial is failed and re-queued."""
-    grace = 2 * heartbeat_seconds
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        backend = JournalFileBackend(url[len("journal:") :])
-        return _JournalStorage(backend, heartbeat_seconds, grace, _retry_callback())
-    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-    key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-    return _RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace, **{key: _retry_callback()})
-
-
-def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
-    """Create the study, or continue it when it exists in ``storage``."""
-    return optuna.create_study(
-        study_name=spec.name,
-        storage=make_storage(storage or default_storage(spec), spec.heartbeat_seconds),
-        directions=spec.directions,
-        sampler=spec.make_sampler(),
-        pruner=spec.make_pruner(),
-        load_if_exists=True,
-    )
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fail (and re-queue) the RUNNING trials whose heartbeat expired."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
-
-
-def tally(study: optuna.Study) -> dict[str, int]:
-    """Trials by what they mean for ``--trials``: finished (COMPLETE or PRUNED), running,
-    waiting (queued arms and retries), errors (failed by an error), lost (a dead or interrupted
-    worker's, or surplus)."""
-    out = {"finished": 0, "running": 0, "waiting": 0, "errors": 0, "lost": 0}
-    for t in study.get_trials(deepcopy=False):
-        if t.state in FINISHED:
-            out["finished"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
-        elif "error" in t.user_attrs:
-            out["errors"] += 1
-        else:
-            out["lost"] += 1
-    return out
-
-
-def _retry_now(trial: optuna.Trial) -> None:
-    """Re-queue a trial that stops without a result of its own (interrupted)."""
-    frozen = trial.study._storage.get_trial(trial._trial_id)
-    _retry_callback()(trial.study, frozen)
-
-
 class _Surplus(Exception):
     pass
 
