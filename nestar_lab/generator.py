@@ -29,6 +29,8 @@ class Generator(Plugin, nn.Module, ABC):
     module runs every stage.
     """
 
+    plugin_kind = "generator"
+
     def __init__(self, params=None, *, num_tokens: int, make_module: Callable[..., ScaleModule]):
         nn.Module.__init__(self)
         Plugin.__init__(self, params)

@@ -15,7 +15,9 @@ decorated with :data:`hookimpl`::
     [project.entry-points.nestar_lab]
     my_package = "my_package.plugins"
 
-Each class has a nested pydantic ``Params`` model and a constructor taking a ``Params``
+Each class subclasses its kind's interface (``interfaces.Dataset``, ..., ``generator.Generator``;
+checked when it registers: a class of another kind is skipped with a warning naming it), has a
+nested pydantic ``Params`` model and a constructor taking a ``Params``
 instance plus the keyword arguments its kind's interface documents (see ``interfaces``).
 """
 
@@ -23,48 +25,52 @@ from __future__ import annotations
 
 import pluggy
 
+from nestar_lab import interfaces
+
 PROJECT = "nestar_lab"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def nestar_register_datasets() -> dict[str, type]:
+def nestar_register_datasets() -> dict[str, type[interfaces.Dataset]]:
     """Datasets: images in [-1, 1] and integer labels, split into train and test."""
 
 
 @hookspec
-def nestar_register_tokenizers() -> dict[str, type]:
+def nestar_register_tokenizers() -> dict[str, type[interfaces.Tokenizer]]:
     """Tokenizers: images <-> continuous latent grid ``(B, c, h, w)``."""
 
 
 @hookspec
-def nestar_register_token_orders() -> dict[str, type]:
+def nestar_register_token_orders() -> dict[str, type[interfaces.TokenOrder]]:
     """Token orders: latent grid <-> 1-D generation order, with each token's 2-D coordinate."""
 
 
 @hookspec
-def nestar_register_scale_modules() -> dict[str, type]:
+def nestar_register_scale_modules() -> dict[str, type[interfaces.ScaleModule]]:
     """Scale modules: the network of one module, context rows -> per-token velocity."""
 
 
 @hookspec
-def nestar_register_generators() -> dict[str, type]:
-    """Generators: the schedule of which tokens are generated when, by which module."""
+def nestar_register_generators() -> dict[str, type[interfaces.Plugin]]:
+    """Generators: the schedule of which tokens are generated when, by which module. Each class
+    subclasses ``nestar_lab.generator.Generator`` (typed as its ``Plugin`` base here: the hook
+    module stays below the generator in the import graph)."""
 
 
 @hookspec
-def nestar_register_ode_solvers() -> dict[str, type]:
+def nestar_register_ode_solvers() -> dict[str, type[interfaces.ODESolver]]:
     """ODE solvers: integrate a velocity field from t=0 (noise) to t=1 (data), counting NFE."""
 
 
 @hookspec
-def nestar_register_coordination_objectives() -> dict[str, type]:
+def nestar_register_coordination_objectives() -> dict[str, type[interfaces.CoordinationObjective]]:
     """Coordination objectives: a loss aligning adjacent modules during training."""
 
 
 @hookspec
-def nestar_register_metrics() -> dict[str, type]:
+def nestar_register_metrics() -> dict[str, type[interfaces.Metric]]:
     """Metrics: numbers computed from a trained run and its samples."""
 
 

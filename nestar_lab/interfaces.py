@@ -25,9 +25,11 @@ class Params(BaseModel):
 
 
 class Plugin:
-    """Mixin holding the validated params of a plugin."""
+    """Mixin holding the validated params of a plugin. ``plugin_kind``: the kind whose interface a
+    class implements (set once on each interface), checked when a plugin registers."""
 
     Params: ClassVar[type[Params]] = Params
+    plugin_kind: ClassVar[str | None] = None
 
     def __init__(self, params: Params | None = None):
         self.params = params if params is not None else self.Params()
@@ -51,6 +53,8 @@ class Dataset(Plugin, ABC):
     ``num_classes`` and ``image_shape`` must be known without loading the data (configs
     validate before work); :meth:`load_splits` runs on first use of :meth:`split`.
     """
+
+    plugin_kind = "dataset"
 
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
@@ -86,6 +90,8 @@ class Tokenizer(Plugin, nn.Module, ABC):
     Constructor: ``(params, image_shape=(C, H, W))``. ``latent_shape`` must be known after
     construction without running a network, so configs validate before any work.
     """
+
+    plugin_kind = "tokenizer"
 
     latent_shape: tuple[int, int, int]
 
@@ -128,6 +134,8 @@ class TokenOrder(Plugin, ABC):
 
     Subclasses define :meth:`order`; flattening, unflattening and coordinates follow from it.
     """
+
+    plugin_kind = "token_order"
 
     def __init__(self, params: Params | None = None, *, grid: tuple[int, int]):
         super().__init__(params)
@@ -226,6 +234,8 @@ class ScaleModule(Plugin, nn.Module, ABC):
     prefix tokens it owns; ``labels == spec.num_classes`` is the null (unconditional) label.
     """
 
+    plugin_kind = "scale_module"
+
     joint_head: bool = False  # True: the velocity head models a patch's tokens together
 
     def __init__(self, params: Params | None = None, *, spec: ScaleModuleSpec):
@@ -279,6 +289,8 @@ class ODESolver(Plugin, ABC):
     Subclasses implement :meth:`solve`; :meth:`integrate` counts the velocity evaluations.
     """
 
+    plugin_kind = "ode_solver"
+
     def integrate(self, velocity: VelocityFn, y0: Tensor) -> SolveResult:
         """Solve from ``y0`` at t=0 to t=1, counting evaluations of ``velocity`` (NFE)."""
         calls = 0
@@ -317,6 +329,8 @@ class CoordinationObjective(Plugin, ABC):
 
     ``needs_pairs = False`` lets the generator skip the coordination rows entirely.
     """
+
+    plugin_kind = "coordination_objective"
 
     needs_pairs: ClassVar[bool] = True
 
@@ -407,6 +421,8 @@ class EvalContext:
 
 class Metric(Plugin, ABC):
     """Numbers from a trained run. Constructor: ``(params)``."""
+
+    plugin_kind = "metric"
 
     @abstractmethod
     def compute(self, ctx: EvalContext) -> dict[str, float]:

@@ -20,6 +20,7 @@ import pluggy
 from nestar_lab import hookspecs
 from nestar_lab.errors import BadInput, one_line
 from nestar_lab.hookspecs import KINDS, PROJECT, hook_name
+from nestar_lab.interfaces import Plugin
 
 
 class PluginError(BadInput, ValueError):
@@ -79,6 +80,10 @@ class Registry:
                     )))  # fmt: skip
                     continue
                 for name, cls in found.items():
+                    wrong = _wrong_kind(kind, name, cls)
+                    if wrong:
+                        self.problems.append(PluginProblem(provider, f"plugin package {provider}: {wrong}; skipped"))
+                        continue
                     self._add(PluginInfo(kind, name, cls, provider))
         for (kind, name), names in self._duplicates.items():
             self.problems.append(PluginProblem(names[-1], _duplicate_message(kind, name, names), broken=False))
@@ -130,6 +135,19 @@ class Registry:
         if kind not in self._plugins:
             raise PluginError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
         return self._plugins[kind]
+
+
+def _wrong_kind(kind: str, name: str, cls: Any) -> str | None:
+    """Why ``cls`` cannot be the ``kind`` plugin ``name`` (not a class, or a class of another kind),
+    or ``None``. Each interface names its kind (``Plugin.plugin_kind``)."""
+    if not isinstance(cls, type):
+        return f"{kind} {name!r} is {type(cls).__name__} {cls!r}, not a class"
+    found = getattr(cls, "plugin_kind", None) if issubclass(cls, Plugin) else None
+    if found == kind:
+        return None
+    what = f"a {found} plugin" if found else "no nestar_lab plugin class"
+    return (f"{kind} {name!r} is {cls.__module__}.{cls.__qualname__}, {what}; {kind} plugins subclass "
+            f"the {kind} interface (nestar_lab.interfaces, or nestar_lab.generator.Generator)")
 
 
 def _duplicate_message(kind: str, name: str, providers: list[str]) -> str:

@@ -35,7 +35,7 @@ def test_duplicate_name_names_both_providers():
     class Extra:
         @hookimpl
         def nestar_register_ode_solvers(self):
-            return {"euler": object}
+            return {"euler": get_registry().get("ode_solver", "midpoint")}
 
     reg = Registry(make_manager(extra_plugins=(Extra(),)))  # the other plugins stay usable
     both = r"two ode_solver plugins are named 'euler': one from nestar-lab 0.1.0 \(ode_solvers\), one from .*Extra"
@@ -58,6 +58,31 @@ def test_a_hook_that_raises_is_a_problem_not_a_crash():
     with pytest.raises(PluginError, match="unknown metric 'x'.*perhaps it is in a package that failed to load"):
         reg.get("metric", "x")
     assert reg.names("ode_solver")
+
+
+@pytest.mark.parametrize("given, why", [
+    ("metric_class", r"ode_solver 'solver_x' is .*ClassAccuracy, a metric plugin; ode_solver plugins subclass"),
+    ("plain_class", r"ode_solver 'solver_x' is .*Plain, no nestar_lab plugin class"),
+    ("instance", r"ode_solver 'solver_x' is .*, not a class"),
+])  # fmt: skip
+def test_a_class_of_another_kind_is_refused_when_it_registers(given, why):
+    class Plain:
+        pass
+
+    value = {"metric_class": get_registry().get("metric", "class_accuracy"), "plain_class": Plain,
+             "instance": get_registry().get("ode_solver", "euler")()}[given]  # fmt: skip
+
+    class Wrong:
+        @hookimpl
+        def nestar_register_ode_solvers(self):
+            return {"solver_x": value}
+
+    reg = Registry(make_manager(extra_plugins=(Wrong(),)))
+    (problem,) = reg.problems
+    assert re.search(why, problem.message) and "\n" not in problem.message, problem.message
+    assert "solver_x" not in reg.names("ode_solver") and reg.names("ode_solver")
+    with pytest.raises(PluginError, match="unknown ode_solver 'solver_x'.*failed to load"):
+        reg.get("ode_solver", "solver_x")
 
 
 def test_misspelt_hook_fails_loudly():
