@@ -21,7 +21,8 @@ def test_run_then_sample_then_eval(tiny_raw, tmp_path, capsys):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
 
     out = tmp_path / "grid.png"
-    assert main(["sample", str(run), "--num", "20", "--out", str(out), "--set", "ode_solver.name=midpoint"]) == 0
+    swap = ["--set", "ode_solver.name=midpoint", "--set", "ode_solver.params.steps=2"]  # params kept: same call
+    assert main(["sample", str(run), "--num", "20", "--out", str(out), *swap]) == 0
     assert out.is_file() and "40 NFE/image" in capsys.readouterr().out  # 10 patches x 2 steps x 2 evals
 
     assert main(["eval", str(run)]) == 0
