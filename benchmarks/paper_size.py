@@ -49,7 +49,7 @@ def build_generator(cfg: ExperimentConfig, meta: bool = False):
     ``meta``: networks with shapes only (no memory, no init), to count parameters fast."""
     order = make("token_order", cfg.token_order, grid=LATENT[1:])
     gen_cls = get_registry().get("generator", cfg.generator.name)
-    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
+    gen_params = cfg.generator.params_for(gen_cls)
     schedule = gen_cls.build_schedule(gen_params, order.num_tokens)
     spec = ScaleModuleSpec(LATENT[0], NUM_CLASSES, order.coords, order.grid, len(schedule.stages))
     torch.manual_seed(cfg.seed)

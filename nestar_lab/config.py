@@ -332,7 +332,7 @@ def _resolve_component(where: str, kind: str, spec: ComponentSpec, errors: list[
     params = strict_validate(cls.Params, spec.params, f"{where}.params", errors)
     if params is None:
         return spec
-    return ComponentSpec(name=spec.name, params=params.model_dump(mode="json"))
+    return ComponentSpec.resolved(spec.name, params)  # plugins receive this very ``params``
 
 
 def _merge_entry(base: Any, over: Any) -> Any:
@@ -388,7 +388,7 @@ def _check_module_parts(
             if change is None or part not in shared or any(e.startswith(f"{part}.") for e in errors):
                 continue
             where = f"modules.{number}.{part}"
-            _resolve_component(where, COMPONENT_KINDS[part], change.over(shared[part]), errors)
+            change.remember(shared[part], _resolve_component(where, COMPONENT_KINDS[part], change.over(shared[part]), errors))
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:

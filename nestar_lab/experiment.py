@@ -55,7 +55,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     device = pick_device(cfg.device)
     dataset, tokenizer, order = data_parts(cfg)
     gen_cls = get_registry().get("generator", cfg.generator.name)
-    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
+    gen_params = cfg.generator.params_for(gen_cls)
     schedule = gen_cls.schedule_for(gen_params, order.num_tokens)
     spec = ScaleModuleSpec(
         token_dim=tokenizer.latent_shape[0],

@@ -12,9 +12,9 @@ from nestar_lab.registry import get_registry
 
 
 def make(kind: str, component, **kwargs):
-    """Instantiate plugin ``component.name`` of ``kind`` with its validated params."""
+    """Instantiate plugin ``component.name`` of ``kind`` with the ``Params`` validation made."""
     cls = get_registry().get(kind, component.name)
-    return cls(cls.Params.model_validate(component.params), **kwargs)
+    return cls(component.params_for(cls), **kwargs)
 
 
 def data_parts(cfg):
@@ -34,12 +34,12 @@ def check_compatibility(cfg) -> list[str]:
     try:
         dataset = make("dataset", cfg.dataset)  # knows image_shape without loading data
         tok_cls = registry.get("tokenizer", cfg.tokenizer.name)
-        latent_shape = tok_cls.latent_shape_for(tok_cls.Params.model_validate(cfg.tokenizer.params), dataset.image_shape)
+        latent_shape = tok_cls.latent_shape_for(cfg.tokenizer.params_for(tok_cls), dataset.image_shape)
         order = make("token_order", cfg.token_order, grid=latent_shape[1:])
     except (ValueError, FileNotFoundError) as exc:
         return [f"tokenizer.params: {exc}"]
     gen_cls = registry.get("generator", cfg.generator.name)
-    gen_params = gen_cls.Params.model_validate(cfg.generator.params)
+    gen_params = cfg.generator.params_for(gen_cls)
     try:
         schedule = gen_cls.schedule_for(gen_params, order.num_tokens)
     except ValueError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nestar_lab.flow import FlowConfig
 
@@ -19,6 +19,31 @@ class ComponentSpec(Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    # The plugin's validated ``Params`` (set by ``config.validate_config``); ``params`` is its
+    # JSON form, what configs store. Not a field: equality and dumps see ``name`` and ``params``.
+    _validated: Any = PrivateAttr(default=None)
+
+    @classmethod
+    def resolved(cls, name: str, validated: BaseModel) -> ComponentSpec:
+        """The spec of plugin ``name`` whose params were validated into ``validated``."""
+        spec = cls(name=name, params=validated.model_dump(mode="json"))
+        spec._validated = validated
+        return spec
+
+    def params_for(self, plugin_cls: type) -> Any:
+        """The ``Params`` object plugin class ``plugin_cls`` receives: the one validation made when
+        it was made for this class's ``Params``, else (a config built without
+        ``validate_config``) validated now."""
+        if type(self._validated) is plugin_cls.Params:
+            return self._validated
+        return plugin_cls.Params.model_validate(self.params)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ComponentSpec):
+            return NotImplemented
+        return (self.name, self.params) == (other.name, other.params)
+
+    __hash__ = None  # mutable, like every pydantic model
 
 
 class TrainConfig(Strict):
@@ -105,12 +130,28 @@ class PartSettings(Strict):
 
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # ``(shared, part)`` from validation: the part this module uses, with validated params, over
+    # the shared part it was merged with. Not a field (equality and dumps ignore it).
+    _resolved: Any = PrivateAttr(default=None)
 
     def over(self, shared: ComponentSpec) -> ComponentSpec:
         """The part this module uses."""
+        if self._resolved is not None and self._resolved[0] == shared:
+            return self._resolved[1]
         if self.name is None or self.name == shared.name:
             return ComponentSpec(name=shared.name, params={**shared.params, **self.params})
         return ComponentSpec(name=self.name, params=dict(self.params))
+
+    def remember(self, shared: ComponentSpec, part: ComponentSpec) -> None:
+        """Keep ``part`` (validated) as what :meth:`over` returns for ``shared``."""
+        self._resolved = (shared, part)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PartSettings):
+            return NotImplemented
+        return (self.name, self.params) == (other.name, other.params)
+
+    __hash__ = None
 
 
 class ModuleSettings(Strict):

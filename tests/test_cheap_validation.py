@@ -71,3 +71,48 @@ def test_vae_latent_shape_comes_from_params_alone(tmp_path):
     assert kl16.latent_shape_for(params, (3, 256, 256)) == (16, 16, 16)
     with pytest.raises(ValueError, match="downsampling factor 16"):
         kl16.latent_shape_for(params, (3, 200, 200))
+
+
+def test_plugins_receive_the_params_objects_validation_made(tmp_path, monkeypatch):
+    """``validate_config`` validates each part's params once; ``build_experiment`` hands those very
+    objects to the plugins (shared parts and ``modules:`` parts alike) and validates nothing again."""
+    from pydantic import BaseModel
+
+    raw = copy.deepcopy(TINY)
+    raw["modules"] = {1: {"ode_solver": {"params": {"steps": 3}}, "scale_module": {"params": {"depth": 2}}}}
+    cfg = load_config(_write(tmp_path, raw))
+    validations = []
+    original = BaseModel.model_validate.__func__
+
+    def counted(cls, *args, **kwargs):
+        validations.append(cls.__qualname__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BaseModel, "model_validate", classmethod(counted))
+    exp = build_experiment(cfg)
+    plugin_params = [v for v in validations if v.endswith(".Params")]
+    assert plugin_params == [], plugin_params
+    registry = get_registry()
+    assert exp.solver.params is cfg.ode_solver.params_for(registry.get("ode_solver", cfg.ode_solver.name))
+    assert exp.coordination.params is cfg.coordination.params_for(type(exp.coordination))
+    assert exp.generator.params is cfg.generator.params_for(type(exp.generator))
+    first = cfg.module_part("ode_solver", 0)
+    assert exp.solvers[0].params is first.params_for(type(exp.solvers[0])) and exp.solvers[0].params.steps == 3
+    assert exp.solvers[-1].params is exp.solver.params
+    nets = exp.generator.nets
+    if len(nets) > 1:  # one network per module: module 1's is its own size
+        assert nets[0].params is cfg.module_part("scale_module", 0).params_for(type(nets[0]))
+        assert nets[0].params.depth == 2 and nets[1].params is cfg.scale_module.params_for(type(nets[1]))
+
+
+def test_specs_compare_by_name_and_params_only():
+    """The validated object is not part of a spec's identity: a validated spec equals the same spec
+    read from a dumped config, and dumps only ``name`` and ``params``."""
+    from nestar_lab.config import validate_config
+    from nestar_lab.schema import ComponentSpec
+
+    cfg = validate_config(copy.deepcopy(TINY))
+    again = ComponentSpec(name=cfg.ode_solver.name, params=dict(cfg.ode_solver.params))
+    assert cfg.ode_solver == again and again == cfg.ode_solver
+    assert cfg.ode_solver.model_dump() == {"name": cfg.ode_solver.name, "params": cfg.ode_solver.params}
+    assert validate_config(cfg.model_dump(mode="json")) == cfg
