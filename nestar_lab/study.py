@@ -21,6 +21,8 @@ A study file (YAML, in ``studies/``)::
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +90,13 @@ PRUNERS = {
 
 
 SAMPLING_KEYS = ("ode_solver.", "sample.", "eval.", "metrics")
+# A module's solver and guidance scale act at sampling only; its network (scale_module) is trained.
+_MODULE_SAMPLING_KEY = re.compile(r"modules\.\d+\.(ode_solver(\.|$)|cfg_scale$)")
+
+
+def is_sampling_key(key: str) -> bool:
+    """True for a dotted config key that changes sampling only (training ignores it)."""
+    return key.startswith(SAMPLING_KEYS) or _MODULE_SAMPLING_KEY.match(key) is not None
 
 
 class StudySpec(Strict):
@@ -134,7 +143,7 @@ class StudySpec(Strict):
     @property
     def sampling_only(self) -> bool:
         """True when only sampling-time keys are searched: trials then share one training."""
-        return bool(self.space) and all(k.startswith(SAMPLING_KEYS) for k in self.space)
+        return bool(self.space) and all(is_sampling_key(k) for k in self.space)
 
     @property
     def directions(self) -> list[str]:

@@ -172,9 +172,10 @@ class Objective:
         from nestar_lab.train import train
 
         training_cfg = cfg.model_copy(update={"name": f"{self.spec.name}-shared", "metrics": []})
-        shared = self.spec.study_dir / "shared" / config_hash(
-            training_cfg.model_copy(update={"ode_solver": None, "sample": None, "eval": None})
-        )
+        modules = {n: e.model_copy(update={"ode_solver": None, "cfg_scale": None}) for n, e in cfg.modules.items()}
+        sampling_free = {"ode_solver": None, "sample": None, "eval": None,
+                         "modules": {n: e for n, e in modules.items() if e.scale_module is not None}}  # fmt: skip
+        shared = self.spec.study_dir / "shared" / config_hash(training_cfg.model_copy(update=sampling_free))
         lock = shared.with_suffix(".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a") as handle:

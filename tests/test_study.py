@@ -243,3 +243,35 @@ def test_report_separates_objectives_from_pruned_intermediate_values(tmp_path, t
     assert table.loc[0, column] == 1.25 and table.loc[1, column] != table.loc[1, column]  # NaN
     assert list(table["last_val_loss"]) == [0.5, 9.0] and list(table["last_val_loss_step"]) == [2, 2]
     assert "value" not in table.columns
+
+
+def test_sampling_only_keys_include_each_modules_solver_and_guidance(tmp_path, tiny_raw):
+    from nestar_lab.study import is_sampling_key
+
+    assert is_sampling_key("modules.3.ode_solver.params.steps") and is_sampling_key("modules.1.cfg_scale")
+    assert is_sampling_key("modules.2.ode_solver.name") and is_sampling_key("sample.cfg_scale")
+    assert not is_sampling_key("modules.1.scale_module.params.depth") and not is_sampling_key("train.lr")
+    assert not is_sampling_key("modules.1.ode_solvers") and not is_sampling_key("generator.params.k")
+    trained = write_study(tmp_path, tiny_raw, space={"modules.1.scale_module.params.depth": {"choices": [1, 2]}})
+    assert not trained.sampling_only
+
+
+def test_a_sampling_only_study_over_module_settings_trains_once(tmp_path, tiny_raw):
+    """Trials that differ only in a module's solver steps and guidance share one training; a
+    module's network size, trained, keys its own."""
+    tiny_raw = {**tiny_raw, "generator": {"name": "nestar", "params": {"k": 4, "share_weights": False}},
+                "modules": {1: {"scale_module": {"params": {"depth": 2}}}}}  # fmt: skip
+    spec = write_study(tmp_path, tiny_raw, sampler={"name": "grid", "params": {"seed": 0}},
+                       space={"modules.3.ode_solver.params.steps": {"choices": [1, 3]},
+                              "modules.2.cfg_scale": {"choices": [1.0]}})  # fmt: skip
+    assert spec.sampling_only
+    study = run_study(spec, trials=2)
+    assert states(study) == [optuna.trial.TrialState.COMPLETE] * 2
+    shared = [p for p in (spec.study_dir / "shared").iterdir() if p.is_dir()]
+    assert len(shared) == 1 and (shared[0] / "train_summary.json").is_file()
+    nfe = set()
+    for t in study.trials:
+        run = spec.study_dir / "trials" / t.user_attrs["run_id"]
+        assert (run / "trained_in.txt").read_text().strip() == str(shared[0])
+        nfe.add(yaml.safe_load((run / "config.yaml").read_text())["modules"]["3"]["ode_solver"]["params"]["steps"])
+    assert nfe == {1, 3}
