@@ -88,13 +88,20 @@ class Generator(Plugin, nn.Module, ABC):
         return sample.sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
 
     def time_groups(self, device: torch.device) -> Tensor | None:
-        """Training draws one flow time per patch (the schedule's patch of each token) when a
-        module's head is joint, and one per token otherwise (``flow.draw_path``)."""
-        if not any(getattr(net, "joint_head", False) for net in self.nets):
+        """Training draws one flow time per patch (the schedule's patch of each token) for the
+        tokens of modules whose head is joint, and one per token for the others (per-module
+        heads may differ, ``modules:``); ``None`` when no head is joint (``flow.draw_path``)."""
+        joint = [getattr(self.net(i), "joint_head", False) for i in range(len(self.schedule.stages))]
+        if not any(joint):
             return None
         key = ("patches", str(device))
         if key not in self._rows:
-            self._rows[key] = self.schedule.patch_of_token().to(device)
+            groups = self.schedule.patch_of_token()
+            own = int(groups.max()) + 1  # ids past every patch's: a group of one token
+            for stage, is_joint in zip(self.schedule.stages, joint):
+                if not is_joint:
+                    groups[stage.tgt_idx] = own + stage.tgt_idx
+            self._rows[key] = groups.to(device)
         return self._rows[key]
 
     def net(self, stage: int) -> ScaleModule:

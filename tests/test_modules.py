@@ -226,3 +226,25 @@ def test_results_rows_carry_module_settings_as_columns(tiny_raw):
     assert flat["modules.3.ode_solver"] == "midpoint" and flat["modules.3.ode_solver.steps"] == 4
     assert flat["modules.3.cfg_scale"] == 1.0
     assert not any(k.startswith("modules.2") for k in flat)
+
+
+def test_a_joint_head_in_one_module_draws_one_time_per_patch_there_only(tiny_raw):
+    """Training times follow each module's head: one per patch where it is joint, one per token
+    where it is per-token, whichever modules the joint one is."""
+    joint = {1: {"scale_module": {"params": {"head": "joint"}}}, 3: {"scale_module": {"params": {"head": "joint"}}}}
+    exp = build_experiment(validate_config(with_modules(tiny_raw, joint)))
+    gen = exp.generator
+    groups = gen.time_groups(torch.device("cpu"))
+    patches = gen.schedule.patch_of_token()
+    for i, stage in enumerate(gen.schedule.stages):
+        tokens = stage.tgt_idx
+        if i in (0, 2):  # joint: the tokens of a patch share a group, and only they
+            assert torch.equal(groups[tokens][:, None] == groups[tokens][None, :],
+                               patches[tokens][:, None] == patches[tokens][None, :])  # fmt: skip
+        else:  # per-token: every token its own group
+            assert len(set(groups[tokens].tolist())) == len(tokens)
+    stages = gen.schedule.stages
+    assert len(stages) == 3  # n = 64, k = 4: modules 1 and 3 joint, module 2 per-token
+    joint_patches = set(patches[torch.cat([stages[0].tgt_idx, stages[2].tgt_idx])].tolist())
+    assert len(set(groups.tolist())) == len(joint_patches) + len(stages[1].tgt_idx)
+    assert build_experiment(validate_config(tiny_raw)).generator.time_groups(torch.device("cpu")) is None
