@@ -26,6 +26,7 @@ import torch
 import paper_size
 from flops import count_flops, has_fast_bf16, matmul_peaks, median_seconds
 from nestar_lab.config import load_config
+from nestar_lab.evaluate import make_sampler
 from nestar_lab.experiment import autocast_factory, build_experiment, pick_device, use_bf16
 from nestar_lab.sample import Sampler
 from nestar_plugins.ode_solvers.torchdiffeq_solvers import FixedGridSolver
@@ -73,8 +74,8 @@ def solver_path(path: str):
 def quickstart_sampler(device, steps: int, precision: str):
     cfg = load_config(CONFIG, [f"ode_solver.params.steps={steps}", f"device={device.type}", f"train.precision={precision}"])
     exp = build_experiment(cfg)
-    sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, cfg.sample,
-                      autocast_factory(device, precision))  # fmt: skip
+    exp.generator.eval()
+    sampler = make_sampler(exp)  # the run's own sampler: per-module solvers and guidance included
     return sampler, exp.dataset.num_classes, use_bf16(device, precision)
 
 
@@ -83,8 +84,10 @@ def paper_sampler(model: str, device, steps: int, precision: str):
     gen, order = paper_size.build_generator(cfg)
     gen = gen.to(device).eval()
     tokenizer = paper_size.get_registry().get("tokenizer", "pixels")(image_shape=paper_size.LATENT)
-    solver = paper_size.make("ode_solver", cfg.ode_solver)
-    sampler = Sampler(gen, tokenizer, order, solver, cfg.sample, autocast_factory(device, precision))
+    stages = range(len(gen.schedule.stages))  # per module: its ``modules:`` solver and guidance
+    solvers = [paper_size.make("ode_solver", cfg.module_part("ode_solver", i)) for i in stages]
+    sampler = Sampler(gen, tokenizer, order, solvers, [cfg.module_sample(i) for i in stages],
+                      autocast_factory(device, precision))  # fmt: skip
     return sampler, paper_size.NUM_CLASSES, use_bf16(device, precision)
 
 
