@@ -5,8 +5,9 @@ storage, stale trials failed and re-queued, and the tally of what counts toward 
 from __future__ import annotations
 
 import inspect
-import warnings
+import os
 import time
+import warnings
 from datetime import datetime, timedelta
 
 import optuna
@@ -127,8 +128,13 @@ def make_storage(url: str, heartbeat_seconds: int = 60) -> optuna.storages.BaseS
 
 
 def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
-    """Create the study, or continue it when it exists in ``storage``."""
-    return optuna.create_study(
+    """Create the study, or continue it when it exists in ``storage``.
+
+    A seeded sampler draws a stream of its own in each process: the seed is offset by the
+    trials already in the study and by the worker number (``--workers``), so a rerun that
+    continues a study, or workers started together, do not replay the same proposals. The
+    first process of a new study uses the seed as given (reproducible)."""
+    study = optuna.create_study(
         study_name=spec.name,
         storage=make_storage(storage or default_storage(spec), spec.heartbeat_seconds),
         directions=spec.directions,
@@ -136,6 +142,11 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
         pruner=spec.make_pruner(),
         load_if_exists=True,
     )
+    worker = int(os.environ.get("NESTAR_STUDY_WORKER", "0") or 0)
+    stream = len(study.get_trials(deepcopy=False)) + 100_003 * worker
+    if stream:
+        study.sampler = spec.make_sampler(stream)
+    return study
 
 
 def fail_stale(study: optuna.Study) -> None:

@@ -157,8 +157,12 @@ class StudySpec(Strict):
         root = self.source.parent if self.source else Path(".")
         return root / self.base
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, stream: int = 0) -> optuna.samplers.BaseSampler:
+        """The study's sampler; ``stream`` > 0 offsets a given ``seed`` (``storage.open_study``:
+        every process that joins a study, or continues it, draws its own numbers)."""
         params = dict(self.sampler.params)
+        if stream and params.get("seed") is not None:
+            params["seed"] = int(params["seed"]) + stream
         if self.sampler.name == "grid":
             params.setdefault("search_space", {k: v.choices for k, v in self.space.items()})
         return SAMPLERS[self.sampler.name](**params)

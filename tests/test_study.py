@@ -275,3 +275,31 @@ def test_a_sampling_only_study_over_module_settings_trains_once(tmp_path, tiny_r
         assert (run / "trained_in.txt").read_text().strip() == str(shared[0])
         nfe.add(yaml.safe_load((run / "config.yaml").read_text())["modules"]["3"]["ode_solver"]["params"]["steps"])
     assert nfe == {1, 3}
+
+
+def test_a_continued_study_and_each_worker_draw_their_own_proposals(tmp_path, tiny_raw, monkeypatch):
+    """A seeded sampler is offset per process by the trials already in the study and by the
+    worker number: continuing a study, or two workers starting together, never replays the
+    proposals of the first process, while a new study's first process keeps the seed as given."""
+    from nestar_lab.study import trial_overrides
+
+    (tmp_path / "b").mkdir()
+    spec = write_study(tmp_path, tiny_raw, space={"train.lr": {"float": [1e-4, 1e-2], "log": True}})
+
+    def propose(study) -> float:
+        trial = study.ask()
+        value = trial_overrides(spec, trial)["train.lr"]
+        study.tell(trial, 0.0)
+        return value
+
+    first = [propose(open_study(spec)) for _ in range(1)]
+    monkeypatch.setenv("NESTAR_STUDY_WORKER", "1")
+    one = propose(open_study(spec))
+    monkeypatch.setenv("NESTAR_STUDY_WORKER", "2")
+    two = propose(open_study(spec))
+    monkeypatch.delenv("NESTAR_STUDY_WORKER")
+    again = propose(open_study(spec))
+    assert len({first[0], one, two, again}) == 4
+    # a new study's first process: the seed as given, so the first proposal is reproducible
+    other = write_study(tmp_path / "b", tiny_raw, space={"train.lr": {"float": [1e-4, 1e-2], "log": True}})
+    assert trial_overrides(other, open_study(other).ask())["train.lr"] == first[0]
