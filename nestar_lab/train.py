@@ -8,7 +8,6 @@ ends with the same weights as one that never stopped (exactly, on the CPU).
 from __future__ import annotations
 
 import json
-import math
 import signal
 import statistics
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nestar_lab import distributed
 from nestar_lab.config import ExperimentConfig, TrainConfig
@@ -26,6 +25,7 @@ from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_i
 from nestar_lab.errors import exit_code_for_signal
 from nestar_lab.experiment import Experiment, build_experiment
 from nestar_lab.interfaces import PassOptions
+from nestar_lab.optim import EMA, decay_groups, lr_factor, make_optimizer  # noqa: F401  (public here too)
 from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too)
     TrainingFailed,
     append_log,
@@ -75,33 +75,9 @@ class TrainResult:
     already_finished: bool = False
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
     """The random stream of one training step on one rank."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + rank * 7_777_777_777)
-
-
-class EMA:
-    """Exponential moving average of parameters, with the usual (1+s)/(10+s) warm-up of decay."""
-
-    def __init__(self, params: dict[str, Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict[str, Tensor], step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names], [params[k].detach().float() for k in names], 1 - d)
 
 
 class _StopFlag:
@@ -393,30 +369,6 @@ def validation_loss(exp: Experiment, num_images: int = 256, seed: int = 0) -> fl
         parts = exp.generator.training_losses(tokens, labels, exp.cfg.flow, None, rng).parts
     exp.generator.train(was_training)
     return float(sum(v for k, v in parts.items() if k.startswith("flow_")))
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on the weights of linear and convolution layers only;
-    none on biases, norm scales, embeddings and learned tokens or positions (decaying those pulls
-    rare classes' and positions' vectors to zero rather than regularising a mapping)."""
-    decayed = {
-        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    }
-    params = list(model.parameters())
-    if weight_decay == 0:  # one group, as checkpoints written before the split hold
-        return [{"params": params, "weight_decay": 0.0}]
-    groups = [
-        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(exp: Experiment):
-    """AdamW over the generator (:func:`decay_groups`) and an EMA of its parameters."""
-    tc = exp.cfg.train
-    opt = torch.optim.AdamW(decay_groups(exp.generator, tc.weight_decay), lr=tc.lr, betas=tc.betas)
-    return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -36,16 +36,11 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
-
-if TYPE_CHECKING:  # annotations only (pandas is imported where tables are made)
-    import pandas as pd
 
 from nestar_lab.config import ConfigError, read_yaml, validate_config
 from nestar_lab.storage import (  # noqa: F401  (re-exported: the study API lives here)
@@ -59,8 +54,11 @@ from nestar_lab.storage import (  # noqa: F401  (re-exported: the study API live
     _retry_now,
 )
 from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
+from nestar_lab.study_report import StudyReport, report, trials_table  # noqa: F401  (re-exported)
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 class _Surplus(Exception):
     pass
 
@@ -197,7 +195,7 @@ class Objective:
         every = self.spec.report_every
         single = len(self.spec.objectives) == 1  # optuna prunes single-objective studies only
 
-        def report(step: int, exp) -> None:
+        def report_step(step: int, exp) -> None:
             if not every or step % every or not single:
                 return
             from nestar_lab.train import validation_loss
@@ -207,7 +205,7 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
-        return report
+        return report_step
 
 
 def run_study(
@@ -354,72 +352,3 @@ def _run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study
                     else "; re-run the same command to finish it"))  # fmt: skip
         raise StudyFailed("; ".join(died) + f"; {state}")
     return study
-
-
-def trials_table(study: optuna.Study, spec: StudySpec):
-    """Trials (number, state, params, objectives, run id, reasons) joined to their runs' metrics.
-
-    ``objective:<metric>`` holds a COMPLETE trial's objective value (NaN otherwise: optuna
-    stores a pruned trial's last intermediate value as its value, which is a validation loss,
-    not the objective); ``last_val_loss`` and ``last_val_loss_step`` hold the last intermediate
-    value any trial reported (what a pruned trial was pruned on); ``retry_of`` names the lost
-    trial a retry re-runs."""
-    import pandas as pd
-
-    from nestar_lab import results
-
-    names = [o.metric for o in spec.objectives]
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
-        row.update({f"param:{k}": v for k, v in t.params.items()})
-        complete = t.state == TrialState.COMPLETE and t.values is not None
-        for i, name in enumerate(names):
-            row[f"objective:{name}"] = t.values[i] if complete and i < len(t.values) else float("nan")
-        last = max(t.intermediate_values) if t.intermediate_values else None
-        row["last_val_loss"] = t.intermediate_values[last] if last is not None else float("nan")
-        row["last_val_loss_step"] = last
-        row.update({k: v for k, v in t.user_attrs.items() if k not in ("run_dir", "run_name")})
-        if t.datetime_start and t.datetime_complete:
-            row["seconds"] = (t.datetime_complete - t.datetime_start).total_seconds()
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    runs = results.load(spec.study_dir)
-    if "run_id" in df.columns and not runs.empty:
-        metric_cols = [m for m in names if m in runs.columns]
-        extra = [c for c in ("class_accuracy", "sec_per_image", "nfe_per_image") if c in runs.columns]
-        keep = ["run_id", *dict.fromkeys(metric_cols + extra)]
-        df = df.merge(runs[keep].drop_duplicates("run_id", keep="last"), on="run_id", how="left")
-        # a resumed retry shares its lost origin's run: the run's metrics are the retry's
-        df.loc[df["state"] != "COMPLETE", keep[1:]] = float("nan")
-    return df
-
-
-@dataclass(frozen=True)
-class StudyReport:
-    """What :func:`report` made: the best trial(s), the joined trials table (also written to
-    ``table_path``) and the PNG plots, all under ``out_dir``."""
-
-    study: optuna.Study
-    best: list[optuna.trial.FrozenTrial]  # the best trial, or the Pareto front's; empty before any completes
-    table: pd.DataFrame  # :func:`trials_table`
-    table_path: Path  # trials.csv
-    plots: list[Path]
-    out_dir: Path
-
-
-def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> StudyReport:
-    """Best trial(s), the joined table (``trials.csv``), and PNG plots (history, importances,
-    Pareto front, velocity disagreement: :func:`nestar_lab.plots.plot_study`)."""
-    from nestar_lab.plots import plot_study
-
-    study = open_study(spec, storage)
-    out_dir = Path(out_dir or spec.study_dir / "report")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    best = study.best_trials if complete else []
-    plots = plot_study(study, [o.metric for o in spec.objectives], bool(spec.space), out_dir)
-    table = trials_table(study, spec)
-    table_path = out_dir / "trials.csv"
-    table.to_csv(table_path, index=False)
-    return StudyReport(study=study, best=list(best), table=table, table_path=table_path, plots=plots, out_dir=out_dir)

@@ -1,0 +1,60 @@
+"""The optimiser side of training: AdamW with decay groups, the learning-rate schedule, and the
+EMA of weights used for sampling (``train.py`` runs them)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nestar_lab.experiment import Experiment
+from nestar_lab.schema import TrainConfig
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual (1+s)/(10+s) warm-up of decay."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, Tensor], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names], [params[k].detach().float() for k in names], 1 - d)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the weights of linear and convolution layers only;
+    none on biases, norm scales, embeddings and learned tokens or positions (decaying those pulls
+    rare classes' and positions' vectors to zero rather than regularising a mapping)."""
+    decayed = {
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    }
+    params = list(model.parameters())
+    if weight_decay == 0:  # one group, as checkpoints written before the split hold
+        return [{"params": params, "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(exp: Experiment):
+    """AdamW over the generator (:func:`decay_groups`) and an EMA of its parameters."""
+    tc = exp.cfg.train
+    opt = torch.optim.AdamW(decay_groups(exp.generator, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    return opt, EMA(dict(exp.generator.named_parameters()), tc.ema_decay)
