@@ -52,6 +52,14 @@ _BAD_PLACE = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+class ConfigError(BadInput, ValueError):
+    """A config is invalid; ``lines`` holds one readable line per problem (exit code 2)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
 def one_line(text: object) -> str:
     """The first non-empty line of ``text`` (messages must fit one line)."""
     for line in str(text).splitlines():
