@@ -3,6 +3,7 @@ checks (``config.py`` reads, overrides and validates a whole config against it).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -31,11 +32,13 @@ class ComponentSpec(Strict):
         return spec
 
     def params_for(self, plugin_cls: type) -> Any:
-        """The ``Params`` object plugin class ``plugin_cls`` receives: the one validation made when
-        it was made for this class's ``Params``, else (a config built without
-        ``validate_config``) validated now."""
-        if type(self._validated) is plugin_cls.Params:
-            return self._validated
+        """The ``Params`` object plugin class ``plugin_cls`` receives: the one validation made, when
+        it was made by this class's ``Params`` and ``params`` still says the same (a copy with
+        other params, e.g. ``model_copy(update=...)``, carries the old object along); else (a
+        config built without ``validate_config``, or changed since) validated now."""
+        held = self._validated
+        if type(held) is plugin_cls.Params and held.model_dump(mode="json") == self.params:
+            return held
         return plugin_cls.Params.model_validate(self.params)
 
     def __eq__(self, other: object) -> bool:
@@ -130,21 +133,22 @@ class PartSettings(Strict):
 
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    # ``(shared, part)`` from validation: the part this module uses, with validated params, over
-    # the shared part it was merged with. Not a field (equality and dumps ignore it).
+    # ``(shared, (name, params), part)`` from validation: the part this module uses, with
+    # validated params, for the shared part and the entry it was merged from (a copy with other
+    # settings does not use it). Not a field (equality and dumps ignore it).
     _resolved: Any = PrivateAttr(default=None)
 
     def over(self, shared: ComponentSpec) -> ComponentSpec:
         """The part this module uses."""
-        if self._resolved is not None and self._resolved[0] == shared:
-            return self._resolved[1]
+        if self._resolved is not None and self._resolved[:2] == (shared, (self.name, self.params)):
+            return self._resolved[2]
         if self.name is None or self.name == shared.name:
             return ComponentSpec(name=shared.name, params={**shared.params, **self.params})
         return ComponentSpec(name=self.name, params=dict(self.params))
 
     def remember(self, shared: ComponentSpec, part: ComponentSpec) -> None:
         """Keep ``part`` (validated) as what :meth:`over` returns for ``shared``."""
-        self._resolved = (shared, part)
+        self._resolved = (shared, (self.name, copy.deepcopy(self.params)), part)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PartSettings):

@@ -116,3 +116,23 @@ def test_specs_compare_by_name_and_params_only():
     assert cfg.ode_solver == again and again == cfg.ode_solver
     assert cfg.ode_solver.model_dump() == {"name": cfg.ode_solver.name, "params": cfg.ode_solver.params}
     assert validate_config(cfg.model_dump(mode="json")) == cfg
+
+
+def test_a_spec_copied_or_changed_after_validation_gets_its_own_params():
+    """The object validation made is used only while ``params`` still says the same: a copy with
+    other params (``model_copy(update=...)``) or a module entry changed afterwards is validated anew."""
+    from nestar_lab.config import validate_config
+    from nestar_lab.parts import make
+
+    raw = copy.deepcopy(TINY)
+    raw["modules"] = {3: {"ode_solver": {"params": {"steps": 5}}}}
+    cfg = validate_config(raw)
+    assert make("ode_solver", cfg.ode_solver).params.steps == 2
+    changed = cfg.ode_solver.model_copy(update={"params": {**cfg.ode_solver.params, "steps": 7}})
+    assert make("ode_solver", changed).params.steps == 7
+    assert make("ode_solver", cfg.module_part("ode_solver", 2)).params.steps == 5
+    entry = cfg.modules[3].model_copy(deep=True)
+    entry.ode_solver = entry.ode_solver.model_copy(update={"params": {"steps": 9}})
+    assert make("ode_solver", entry.ode_solver.over(cfg.ode_solver)).params.steps == 9
+    cfg.modules[3].ode_solver.params["steps"] = 11  # changed in place
+    assert make("ode_solver", cfg.module_part("ode_solver", 2)).params.steps == 11
