@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--lr-samples-per-class", type=int, default=20, help="samples per class scoring each trial")
     ap.add_argument("--out", default="docs/benchmarks.md", help='markdown file whose "quality" section is replaced')
     ap.add_argument("--out-dir", default="runs/bench_quality", help="results store, lr.json, summary.csv")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="train nothing: rewrite summary.csv and the markdown section from the runs already stored")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out_dir = Path(args.out_dir)
@@ -152,6 +154,8 @@ def main() -> None:
     if len(seeds) < 3:
         print(f"warning: {len(seeds)} seed(s); the 95% intervals need at least 3 to mean much", flush=True)
     b = lr_search.budget(args.lr_trials, args.lr_steps, args.lr_samples_per_class)
+    if args.summary_only:
+        return write_summary(args, table, seeds, b)
     store = out_dir / "lr.json"
     print(estimate(todo, seeds, args, b), flush=True)
     start, total = time.perf_counter(), len(todo) * len(seeds)
@@ -180,6 +184,20 @@ def main() -> None:
     write_summary(args, table, seeds, b)
 
 
+def grid_edges(summary: pd.DataFrame, grid: list[float]) -> str:
+    """A caveat naming the variants whose chosen lr is the grid's smallest or largest arm: for
+    them the search cannot tell whether an lr beyond the grid would do better."""
+    if summary.empty or len(grid) < 2:
+        return ""
+    lo, hi = min(grid), max(grid)
+    names = [f"{v} (lr {lr:g}, the {'largest' if lr == hi else 'smallest'} tried)"
+             for v, lr in zip(summary["variant"], summary["lr"]) if lr in (lo, hi)]  # fmt: skip
+    if not names:
+        return ""
+    return ("Chosen at an edge of the learning-rate grid: " + "; ".join(names)
+            + ". For these the search cannot tell whether a learning rate beyond the grid would do better.")
+
+
 def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) -> None:
     """Every variant with a chosen lr and rows for these seeds (this run's and earlier ones')."""
     out_dir = Path(args.out_dir)
@@ -193,6 +211,7 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     lines = quality_stats.comparisons(summary, MATCH_TO)
+    edges = grid_edges(summary, b["grid"])
     body = (f"Device: {device}. Each variant: {args.steps} training steps per seed at its own learning rate, "
             f"{args.samples_per_class} samples per class, seeds {', '.join(map(str, seeds))} (training seed; "
             f"eval seed 1234 + seed); parameter counts matched to {MATCH_TO}'s (widths chosen by "
@@ -202,7 +221,8 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
             f"`{out_dir}/results.csv`; this table as numbers: `{out_dir}/summary.csv`.\n\n"
             + quality_stats.markdown(summary)
             + f"\n\nWhat the 95% intervals support against {MATCH_TO} (overlap: no difference claimed):\n\n"
-            + "\n".join(lines))  # fmt: skip
+            + "\n".join(lines)
+            + (f"\n\n{edges}" if edges else ""))  # fmt: skip
     print(body, flush=True)
     write_section(Path(args.out), "quality", body)
 
