@@ -338,3 +338,28 @@ def test_describe_classifies():
     assert errors.describe(KeyError("no column 'x'")) == (2, ["error: no column 'x'"])
     assert errors.describe(RuntimeError("")) == (1, [f"error: RuntimeError {HINT}"])
     assert errors.exit_code_for_signal(signal.SIGTERM) == 143 and errors.exit_code_for_signal(None) == 130
+
+
+def test_study_run_warns_about_a_broken_plugin_package_before_its_trials(installed, tiny_raw, tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    import optuna
+
+    from nestar_lab import tuning
+
+    installed("broken-nestar-pkg", "0.1", "broken_ep", "broken_nestar_pkg", BROKEN)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_raw))
+    spec = {"name": "warn_study", "base": "base.yaml", "output_dir": str(tmp_path / "studies"),
+            "space": {"train.lr": {"float": [1e-4, 1e-3]}},
+            "objectives": [{"metric": "nn_train_dist_generated", "direction": "minimize"}]}  # fmt: skip
+    (tmp_path / "warn_study.yaml").write_text(yaml.safe_dump(spec))
+    seen = []
+
+    def fake_run_study(spec, *args, **kwargs):  # what was on stderr when the trials would start
+        seen.append(capsys.readouterr().err)
+        return optuna.create_study()
+
+    monkeypatch.setattr(tuning, "run_study", fake_run_study)
+    code, lines, out = run_cli(["study", "run", str(tmp_path / "warn_study.yaml")], capsys)
+    assert code == 0 and out.startswith("study warn_study: 0 trials")
+    (before,) = seen
+    assert before.startswith("warning: plugin package broken-nestar-pkg 0.1 (broken_ep) failed to load")
