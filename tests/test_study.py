@@ -129,9 +129,14 @@ def test_two_workers_share_one_storage(tmp_path, tiny_raw):
     procs = [_worker(spec, 4) for _ in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     study = open_study(spec)
-    numbers = [t.number for t in study.trials]
+    # a trial both workers start in the same instant as the one completing the target is closed
+    # at once as surplus (by design, see tuning): it runs nothing and is not counted
+    kept = [t for t in study.trials if "surplus" not in t.user_attrs]
+    surplus = [t for t in study.trials if "surplus" in t.user_attrs]
+    assert all(t.state != optuna.trial.TrialState.COMPLETE for t in surplus) and len(surplus) <= 1
+    numbers = [t.number for t in kept]
     assert len(numbers) == len(set(numbers)) == 4
-    failures = [(t.number, t.state.name, t.user_attrs) for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
+    failures = [(t.number, t.state.name, t.user_attrs) for t in kept if t.state != optuna.trial.TrialState.COMPLETE]
     assert not failures
     from nestar_lab import results
 
