@@ -342,10 +342,7 @@ def cmd_study(args) -> int:
 
     spec = load_study(args.study)
     if args.study_command == "run":
-        from nestar_lab.registry import get_registry
-
-        get_registry()  # load the plugins now: a broken package is one warning before the trials, not hidden
-        _warn_plugin_problems()
+        _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty())
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
         counts = {s: states.count(s) for s in sorted(set(states))}
