@@ -16,11 +16,15 @@ The quickstart's variants (tokenizer, data, solver, guidance shared; ``--tokens 
 docs/benchmarks.md. ``--paper-size`` times NestAR-B and NestAR-L (studies/configs/imagenet256)
 against MAR (S=64) and DiT (50 steps) at the same parameter counts on n = 256 tokens of dim 16
 with random weights (``benchmarks/paper_size.py``; sampling only) into the ``speed_paper``
-section. The final tables:
+section (``--section`` picks another marked section). ``benchmarks/gpu_checks.sh`` runs every GPU
+table in one go. The final tables:
 
     .venv/bin/python benchmarks/bench_speed.py --tokens 64 --train-steps 10 --repeats 3
     .venv/bin/python benchmarks/bench_speed.py --tokens 256 --train-steps 4 --repeats 2 --images 50
     .venv/bin/python benchmarks/bench_speed.py --paper-size --images 16 --repeats 3   # on a GPU
+    .venv/bin/python benchmarks/bench_speed.py --paper-size --images 64 --repeats 1 --section speed_paper_b64
+    .venv/bin/python benchmarks/bench_speed.py --paper-size --models NestAR-B --images 256 --repeats 1 \
+        --section speed_paper_b256                                                   # GPU, throughput
     .venv/bin/python benchmarks/bench_speed.py --paper-size --images 1 --repeats 1    # 2-core CPU, fp32: 1-1.5 h
 
 (``--repeats 0`` times the FLOP-counted call itself, halving a CPU run, but with no warm-up and
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--models", default="NestAR-B,NestAR-L", help="paper size: which models")
     ap.add_argument("--width-scale", type=float, default=1.0, help="paper size: shrink every width (smoke runs only)")
     ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--section", default=None,
+                    help="marked section of --out to replace (default: speed, speed256 or speed_paper)")
     args = ap.parse_args()
     args.repeats = args.repeats if args.repeats is not None else (1 if args.paper_size else 3)
     args.images = args.images or (2 if args.paper_size else 100)
@@ -154,7 +160,7 @@ def main() -> None:
     print("matmul peaks (GFLOP/s):", {k: (v / 1e9 if k != "size" and v else v) for k, v in peaks.items()}, flush=True)
     key, body = (run_paper if args.paper_size else run_quickstart)(args, peaks)
     print(body)
-    write_section(Path(args.out), key, body)
+    write_section(Path(args.out), args.section or key, body)
 
 
 if __name__ == "__main__":

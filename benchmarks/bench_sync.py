@@ -11,7 +11,8 @@ bf16) matmul peak measured in the same run. On a CPU there is no device to wait 
 columns change little; the conversion counts are the point, and a GPU run shows the time::
 
     .venv/bin/python benchmarks/bench_sync.py                                  # quickstart, CPU
-    .venv/bin/python benchmarks/bench_sync.py --models quickstart,NestAR-B --images 16   # GPU session
+    .venv/bin/python benchmarks/bench_sync.py --models quickstart,NestAR-B --images 16 --steps 4,16 \
+        --section sync_free_gpu                                                # GPU session
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--section", default="sync_free", help="marked section of --out to replace")
     args = ap.parse_args()
     device = pick_device(args.device)
     peaks = matmul_peaks(device, need_bf16=args.precision == "bf16")
@@ -143,7 +145,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *lines,
     ])  # fmt: skip
-    write_section(Path(args.out), "sync_free", body)
+    write_section(Path(args.out), args.section, body)
 
 
 if __name__ == "__main__":
