@@ -198,6 +198,14 @@ def grid_edges(summary: pd.DataFrame, grid: list[float]) -> str:
             + ". For these the search cannot tell whether a learning rate beyond the grid would do better.")
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the docs show it: relative to the working directory when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) -> None:
     """Every variant with a chosen lr and rows for these seeds (this run's and earlier ones')."""
     out_dir = Path(args.out_dir)
@@ -211,6 +219,7 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     lines = quality_stats.comparisons(summary, MATCH_TO)
+    shown = shown_path(out_dir)
     edges = grid_edges(summary, b["grid"])
     body = (f"Device: {device}. Each variant: {args.steps} training steps per seed at its own learning rate, "
             f"{args.samples_per_class} samples per class, seeds {', '.join(map(str, seeds))} (training seed; "
@@ -218,7 +227,7 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
             f"`variants.plans()`); AR (coarse_to_fine) shares NestAR's token order, AR (raster) and MAR use "
             f"raster. Cells: mean ± sample std [95% t-interval of the mean]. "
             f"{lr_search.describe(b)}. Per-seed rows: "
-            f"`{out_dir}/results.csv`; this table as numbers: `{out_dir}/summary.csv`.\n\n"
+            f"`{shown}/results.csv`; this table as numbers: `{shown}/summary.csv`.\n\n"
             + quality_stats.markdown(summary)
             + f"\n\nWhat the 95% intervals support against {MATCH_TO} (overlap: no difference claimed):\n\n"
             + "\n".join(lines)
