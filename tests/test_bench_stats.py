@@ -54,3 +54,11 @@ def test_learning_rates_at_an_edge_of_the_grid_are_flagged():
     assert "a (lr 0.005, the largest tried)" in note and "c (lr 0.0003, the smallest tried)" in note
     assert "b (" not in note
     assert bench_quality.grid_edges(summary.iloc[1:2], [0.0003, 0.0012, 0.005]) == ""
+
+
+def test_shown_path_is_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "q").mkdir(parents=True)
+    assert bench_quality.shown_path(tmp_path / "runs" / "q") == "runs/q"
+    outside = tmp_path.parent / "elsewhere"
+    assert bench_quality.shown_path(outside) == str(outside)
