@@ -5,9 +5,10 @@
 #   2. sync-free sampling, the GPU rows (quickstart and NestAR-B);
 #   3. a GPU smoke run of the quickstart (train, sample, evaluate on CUDA, bf16 autocast).
 # Each step has its own time limit, so a slow one cannot starve the others; on an H200 the steps
-# took 172, 158, 83, 48 and 84 s (2026-12-04), so the whole script fits one 10-minute call. Everything lands in
-# OUTDIR: a copy of docs/benchmarks.md with the two sections filled, one log per step, the GPU's
-# name and the smoke run's metrics. Copy the filled sections back by hand (or copy the file).
+# took 172, 158, 83, 48 and 84 s (2026-12-04), so the whole script fits one 10-minute call.
+# Everything lands in OUTDIR: a copy of docs/benchmarks.md with its speed_paper, speed_paper_b64,
+# speed_paper_b256 and sync_free_gpu sections filled, one log per step, the GPU's name and the
+# smoke run's metrics. Copy the filled sections back by hand (or copy the file).
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR            # PY=python3 by default
 set -u
