@@ -10,6 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from nestar_lab.capture import CaptureMode, static_solve
+from nestar_lab.capture import resolve as capture_resolve
 from nestar_lab.interfaces import ODESolver, SolveResult
 
 
@@ -96,41 +98,51 @@ def solve_patch(
     temperature: float,
     rng: torch.Generator,
     autocast=contextlib.nullcontext,
+    capture: CaptureMode | bool = "off",
 ) -> SolveResult:
     """THE guided solve of one patch, shared by every generator's sampler.
 
-    Draws the patch's noise at ``temperature``, integrates ``head``'s velocity field from
-    t = 0 to 1 with batched classifier-free guidance and counts the NFE. ``cond`` is whatever
-    ``head`` conditions on (a scale module's rows, or labels for a diffusion transformer), with
-    the conditional batch first and, when guidance is on, the unconditional batch after it
-    (``2B`` leading); at ``cfg_scale == 1`` the unconditional half is dropped, not computed.
+    Draws the patch's noise at ``temperature`` with ``rng``, integrates ``head``'s velocity field
+    from t = 0 to 1 with batched classifier-free guidance, and returns the end point with its NFE
+    (from the solver). ``cond`` is whatever ``head`` conditions on (a scale module's rows, or
+    labels for a diffusion transformer), with the conditional batch first and, when guidance is
+    on, the unconditional batch after it (``2B`` leading); at ``cfg_scale == 1`` the
+    unconditional half is dropped, not computed.
+
+    ``capture`` (``sample.capture``): ``auto`` replays the solve as one CUDA graph where that is
+    possible (CUDA and a fixed-step solver; :mod:`nestar_lab.capture`), ``on`` insists, ``off``
+    runs eagerly; ``True`` takes the static-buffer path on any device (graph on CUDA only). The
+    noise is drawn here, outside any graph, so captured and eager solves see the same noise.
     """
     B = shape_BLd[0]
     if cfg_scale == 1.0 and cond.shape[0] == 2 * B:
         cond = cond[:B]
     elif cfg_scale != 1.0 and cond.shape[0] != 2 * B:
         raise ValueError(f"cfg_scale {cfg_scale} needs conditional and unconditional rows ({2 * B}); got {cond.shape[0]}")
+    x0 = temperature * torch.randn(shape_BLd, generator=rng, device=cond.device)
+    if capture_resolve(capture, solver, cond.device):
+        return static_solve(solver, head, guided_velocity, cond, x0, autocast)(cond, x0, cfg_scale)
 
     def run(y, t, c):
         with autocast():
             return head(y, t, c)
 
-    x0 = temperature * torch.randn(shape_BLd, generator=rng, device=cond.device)
     return solver.integrate(guided_velocity(run, cond, cfg_scale), x0)
 
 
 def guided_velocity(
-    head: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, cfg_scale: float
+    head: Callable[[Tensor, Tensor, Tensor], Tensor], cond: Tensor, cfg_scale: float | Tensor
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A velocity field ``(t, y) -> v`` for an ODE solver, with classifier-free guidance.
 
-    ``cond`` is ``(2B, L, D)`` (conditional rows first, then unconditional) when
-    ``cfg_scale != 1`` and ``(B, L, D)`` otherwise. Both halves go through ``head`` in one
-    batched call: ``v = v_u + w (v_c - v_u)``. The scalar ``t`` is broadcast to every token.
+    ``cond`` has ``2B`` leading rows (conditional first, then unconditional) when guided and
+    ``B`` otherwise: guidance is read from the shapes, never from a device value, so
+    ``cfg_scale`` may be a device tensor (a captured solve's). Both halves go through ``head`` in
+    one batched call: ``v = v_u + w (v_c - v_u)``. The scalar ``t`` is broadcast to every token.
     """
-    guided = cfg_scale != 1.0
 
     def velocity(t: Tensor, y_BLd: Tensor) -> Tensor:
+        guided = cond.shape[0] == 2 * y_BLd.shape[0]
         y = torch.cat([y_BLd, y_BLd]) if guided else y_BLd
         t_BL = t.to(y.dtype).expand(y.shape[:-1])
         v = head(y, t_BL, cond).float()

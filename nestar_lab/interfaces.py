@@ -253,8 +253,10 @@ class ScaleModule(Plugin, nn.Module, ABC):
         self.compile(backend=backend)
 
     @abstractmethod
-    def start_cache(self, labels_B: Tensor, stage: int) -> Any:
-        """A key/value cache holding the label prefix, for sampling."""
+    def start_cache(self, labels_B: Tensor, stage: int, capacity: int | None = None) -> Any:
+        """A key/value cache holding the label prefix, for sampling. ``capacity``: how many rows
+        :meth:`extend` will append in all (the sampler knows); a module allocates its cache once
+        at that length and writes it in place. ``None``: grow as rows come."""
 
     @abstractmethod
     def extend(self, x_in_BLd: Tensor, rows: Rows, cache: Any) -> Tensor:
@@ -286,13 +288,24 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (t scalar tensor, y) -> dy/dt
 class ODESolver(Plugin, ABC):
     """Integrates ``dy/dt = v(t, y)`` from t=0 (noise) to t=1 (data). Constructor: ``(params)``.
 
-    Subclasses implement :meth:`solve`; :meth:`integrate` counts the velocity evaluations.
+    Subclasses implement :meth:`solve`. A solver whose work is fixed in advance (a fixed-step
+    method) says so in :meth:`evaluations`: its solve issues the same kernels every call, so
+    sampling may capture it as one CUDA graph (``sample.capture``) and its NFE needs no counting.
     """
 
     plugin_kind = "ode_solver"
 
+    def evaluations(self) -> int | None:
+        """Velocity evaluations of one solve when fixed in advance (fixed steps x stages); ``None``
+        when the solver decides as it goes (adaptive step control, on the host: not capturable)."""
+        return None
+
     def integrate(self, velocity: VelocityFn, y0: Tensor) -> SolveResult:
-        """Solve from ``y0`` at t=0 to t=1, counting evaluations of ``velocity`` (NFE)."""
+        """Solve from ``y0`` at t=0 to t=1 with the number of evaluations of ``velocity`` (NFE):
+        :meth:`evaluations` when known, else counted as the solve runs."""
+        known = self.evaluations()
+        if known is not None:
+            return SolveResult(y1=self.solve(velocity, y0), nfe=known)
         calls = 0
 
         def counted(t: Tensor, y: Tensor) -> Tensor:
@@ -305,7 +318,9 @@ class ODESolver(Plugin, ABC):
 
     @abstractmethod
     def solve(self, velocity: VelocityFn, y0: Tensor) -> Tensor:
-        """The state at t=1; ``velocity`` receives t as a 0-dim tensor."""
+        """The state at t=1; ``velocity`` receives t as a 0-dim tensor. A solver with fixed
+        :meth:`evaluations` must call ``velocity`` exactly that often and never read a device
+        value on the host (its solve is replayed as a CUDA graph)."""
 
 
 # ----------------------------------------------------------------------------- training
@@ -367,6 +382,7 @@ class SampleStats:
     seconds: float
     context_passes: int = 0  # sequential context-network passes per batch (see TokenSample)
     nfe_per_module: list[float] = field(default_factory=list)  # nfe_per_image split by module
+    captured: bool = False  # patch solves replayed as CUDA graphs (``sample.capture``), else eager
 
     @property
     def seconds_per_image(self) -> float:

@@ -8,6 +8,9 @@ their fields only).
 
 from __future__ import annotations
 
+import torch
+
+from nestar_lab.capture import why_not_capturable
 from nestar_lab.registry import get_registry
 
 
@@ -44,7 +47,8 @@ def check_compatibility(cfg) -> list[str]:
         schedule = gen_cls.schedule_for(gen_params, order.num_tokens)
     except ValueError as exc:
         return [f"generator.params: {exc} (the tokenizer makes {order.num_tokens} tokens)"]
-    return check_modules(cfg, len(schedule.stages), gen_cls.shares_weights(gen_params))
+    num_modules = len(schedule.stages)
+    return check_modules(cfg, num_modules, gen_cls.shares_weights(gen_params)) + check_capture(cfg, num_modules)
 
 
 def check_modules(cfg, num_modules: int, shared: bool) -> list[str]:
@@ -60,3 +64,16 @@ def check_modules(cfg, num_modules: int, shared: bool) -> list[str]:
                           f"(share_weights), so sizes cannot differ per module; set scale_module.params, "
                           f"or generator.params.share_weights: false where the generator has it")  # fmt: skip
     return errors
+
+
+def check_capture(cfg, num_modules: int) -> list[str]:
+    """``sample.capture: on`` only where every module's solve can be captured (CUDA, a fixed-step
+    solver): otherwise one line with the reason (``auto`` falls back to eager by itself)."""
+    if cfg.sample.capture != "on":
+        return []
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    for stage in range(num_modules):
+        reason = why_not_capturable(make("ode_solver", cfg.module_part("ode_solver", stage)), device)
+        if reason is not None:
+            return [f"sample.capture: on is impossible here: {reason}; set sample.capture: auto or off"]
+    return []

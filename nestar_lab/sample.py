@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from nestar_lab.capture import describe, why_not_capturable
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import solve_patch, with_null_labels
 from nestar_lab.schedule import gather_inputs, per_module
@@ -44,7 +45,7 @@ def sample_tokens(
         src_all, tgt_all = stage.src_idx.to(device), stage.tgt_idx.to(device)
         nfe.append(0)
         with autocast():
-            cache = net.start_cache(labels_in, stage=i)
+            cache = net.start_cache(labels_in, stage=i, capacity=stage.num_rows)  # allocated once, written in place
         for s in range(stage.num_steps):
             sl = stage.step_rows(s)
             rows = Rows(src_all[sl], tgt_all[sl])
@@ -53,7 +54,8 @@ def sample_tokens(
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
             done, passes = done + len(rows), passes + 1
             result = solve_patch(solver_i, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg_i.scale_at(done, n), temperature=cfg_i.temperature)  # fmt: skip
+                                 cfg_scale=cfg_i.scale_at(done, n), temperature=cfg_i.temperature,
+                                 capture=cfg_i.capture)  # fmt: skip
             tokens[:, rows.tgt_idx] = result.y1.to(tokens.dtype)
             nfe[i] += result.nfe  # a Python count: no sync
     return TokenSample(tokens, sum(nfe), passes, tuple(nfe))
@@ -75,6 +77,11 @@ class Sampler:
     ):
         self.gen, self.tokenizer, self.order, self.solver, self.cfg = gen, tokenizer, order, solver, cfg
         self.autocast = autocast
+        device = next(gen.parameters()).device
+        solvers = list(solver) if isinstance(solver, (list, tuple)) else [solver]
+        mode = per_module(cfg, 0).capture
+        self.captured = mode != "off" and all(why_not_capturable(s, device) is None for s in solvers)
+        self.path = describe(mode, solvers, device)  # one line for the log: captured or eager, and why
 
     @torch.no_grad()
     def __call__(self, labels: Tensor, seed: int = 0, batch_size: int | None = None) -> Samples:
@@ -103,5 +110,6 @@ class Sampler:
             seconds=time.perf_counter() - start,
             context_passes=passes,
             nfe_per_module=[m / max(len(labels), 1) for m in per_stage or []],
+            captured=self.captured,
         )
         return Samples(images=out.cpu(), labels=labels.cpu(), stats=stats)

@@ -84,6 +84,9 @@ class SampleConfig(Strict):
     cfg_schedule: Literal["constant", "linear"] = "constant"
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(256, ge=1)
+    capture: Literal["auto", "on", "off"] = Field(
+        "auto", description="replay each patch solve as one CUDA graph: auto = on CUDA with fixed-step solvers"
+    )
 
     def scale_at(self, tokens_done: int, num_tokens: int) -> float:
         """Guidance for a step after which ``tokens_done`` tokens exist (linear: 1 -> cfg_scale)."""

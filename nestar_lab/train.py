@@ -25,7 +25,8 @@ from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_i
 from nestar_lab.errors import exit_code_for_signal
 from nestar_lab.experiment import Experiment, build_experiment
 from nestar_lab.interfaces import PassOptions
-from nestar_lab.optim import EMA, decay_groups, lr_factor, make_optimizer  # noqa: F401  (public here too)
+from nestar_lab.optim import EMA, decay_groups, lr_factor, make_optimizer, skip_step_if  # noqa: F401  (public here too)
+from nestar_lab.step_records import NonfiniteGuard
 from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too)
     TrainingFailed,
     append_log,
@@ -155,10 +156,39 @@ def train(
         segment["changes"] = changes
     skipped_total, streak = int(book["nonfinite_skipped"]), int(book["nonfinite_streak"])
     last_good = step if state is not None else None  # step of the checkpoint on disk
+    guard = NonfiniteGuard(device, streak, tc.max_nonfinite_steps)
     start = time.perf_counter()
+    times: list[float] = []  # seconds per step, spread evenly over the steps between two reads
+    last: dict[str, float] = {}
+    read_at = [start]
+
+    def catch_up():
+        """Read the steps the device has kept (one sync): count skips and streaks, write their log
+        lines, and fail at the step where a streak reached its limit (the device froze there)."""
+        nonlocal streak, skipped_total, last
+        records = guard.read()
+        if not records:
+            return
+        now = time.perf_counter()
+        times.extend([(now - read_at[0]) / len(records)] * len(records))
+        read_at[0] = now
+        for rec in records:
+            streak = streak + 1 if rec.nonfinite else 0
+            skipped_total += rec.nonfinite
+            if rec.step % tc.log_every == 0 or rec.step == tc.steps or rec.nonfinite:
+                last = rec.losses
+                bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
+                if info.is_main:
+                    extra = {"nonfinite_skipped": skipped_total} | ({"skipped": True} if rec.nonfinite else {})
+                    with writing(run_dir / LOG, run_dir, last_good, "log not written"):
+                        append_log(run_dir, rec.step, last, rec.lr, extra)
+            if streak >= tc.max_nonfinite_steps:
+                bar.close()
+                raise TrainingFailed(streak_message(run_dir, rec.step, streak, tc, last_good), run_dir, rec.step)
 
     def checkpoint():
         nonlocal last_good
+        catch_up()  # the book a checkpoint carries is read first
         segment.update(end_step=step, seconds=time.perf_counter() - start)
         check_weights_finite(gen, ema, run_dir, step, last_good)  # every rank: their weights are equal
         error = None
@@ -182,37 +212,26 @@ def train(
         print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
               f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
     bar = _progress(tc.steps, step, progress and info.is_main)
-    times: list[float] = []
-    last: dict[str, float] = {}
     pending = False  # a checkpoint due while non-finite steps were being skipped
     gen.train()
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
-            t0 = time.perf_counter()
             tokens, labels = next(batches)
-            out, ok = _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info)
+            out, nonfinite = _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info,
+                                           hold=guard.hold)  # fmt: skip
+            guard.note(step + 1, out.parts, out.total, nonfinite, tc.lr * lr_factor(step, tc))
             step += 1
-            times.append(time.perf_counter() - t0)
-            streak = 0 if ok else streak + 1
-            skipped_total += 0 if ok else 1
-            if step % tc.log_every == 0 or step == tc.steps or not ok:
-                last = {k: float(v.detach()) for k, v in out.parts.items()} | {"total": float(out.total.detach())}
-                bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
-                if info.is_main:
-                    extra = {"nonfinite_skipped": skipped_total} | ({} if ok else {"skipped": True})
-                    with writing(run_dir / LOG, run_dir, last_good, "log not written"):
-                        append_log(run_dir, step, last, tc.lr * lr_factor(step - 1, tc), extra)
             bar.update(1)
-            if streak >= tc.max_nonfinite_steps:
-                bar.close()
-                raise TrainingFailed(streak_message(run_dir, step, streak, tc, last_good), run_dir, step)
+            due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps or pending
+            stopping = stop_at_step is not None and step >= stop_at_step and step < tc.steps
+            if step % tc.log_every == 0 or due_checkpoint or stopping or stop.requested:
+                catch_up()
             for callback in callbacks:
                 callback(step, exp)
-            if step % tc.checkpoint_every == 0 or step == tc.steps or pending:
+            if due_checkpoint:
                 pending = streak > 0 and step < tc.steps  # no checkpoint while a streak lasts
                 if not pending:
                     checkpoint()
-            stopping = stop_at_step is not None and step >= stop_at_step and step < tc.steps
             if distributed.any_flag(stop.requested or stopping, info, device):
                 checkpoint()
                 bar.close()
@@ -317,10 +336,12 @@ def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, s
 
 
 def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None,
-                  rank: int = 0, info: distributed.DistInfo | None = None):  # fmt: skip
-    """:func:`train_step`, returning ``(losses, applied)``: when the total loss or the gradient
-    norm is not finite (on any rank), the optimiser and EMA updates are skipped and the
-    gradients dropped. One device-side check and one host sync per step."""
+                  rank: int = 0, info: distributed.DistInfo | None = None, hold: Tensor | None = None):  # fmt: skip
+    """:func:`train_step`, returning ``(losses, nonfinite)``: ``nonfinite`` is a 0-dim bool on
+    the device, true when the total loss or the gradient norm is not finite (on any rank). Such a
+    step, or any step while ``hold`` is true (a streak at its limit), changes nothing: the fused
+    optimiser is told on the device (``found_inf``) and the EMA holds still. Nothing here reads a
+    device value on the host, so on a GPU the CPU runs ahead (``NonfiniteGuard`` reads later)."""
     cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
     model = model if model is not None else exp.generator
     rng = step_generator(cfg.seed, step, device, rank)
@@ -341,18 +362,18 @@ def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor
         norm = torch.nn.utils.clip_grad_norm_(exp.generator.parameters(), tc.grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in exp.generator.parameters() if p.grad is not None])
-    bad = ~(torch.isfinite(out.total.detach()) & torch.isfinite(norm.to(out.total.device)))
+    nonfinite = ~(torch.isfinite(out.total.detach()) & torch.isfinite(norm.to(out.total.device)))
     if info is not None and info.enabled:  # a rank's own loss may be the only non-finite value
         import torch.distributed as dist
 
-        bad = bad.float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bool(bad):
-        opt.zero_grad(set_to_none=True)
-        return out, False
+        flag = nonfinite.float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        nonfinite = flag.reshape(()) > 0
+    skip = nonfinite if hold is None else nonfinite | hold
+    skip_step_if(opt, skip)
     opt.step()
-    ema.update(dict(exp.generator.named_parameters()), step)
-    return out, True
+    ema.update(dict(exp.generator.named_parameters()), step, skip=skip)
+    return out, nonfinite
 
 
 @torch.no_grad()

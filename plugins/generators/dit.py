@@ -101,5 +101,5 @@ class DiT(Generator):
         guided = cfg.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         result = solve_patch(solver, net, labels_in, (labels_B.shape[0], n, token_dim), rng=rng, autocast=autocast,
-                             cfg_scale=cfg.scale_at(n, n), temperature=cfg.temperature)  # fmt: skip
+                             cfg_scale=cfg.scale_at(n, n), temperature=cfg.temperature, capture=cfg.capture)  # fmt: skip
         return TokenSample(result.y1, result.nfe, 0, (result.nfe,))

@@ -118,7 +118,7 @@ class MAR(Generator):
                                     torch.cat([known, known]) if guided else known, labels_in)  # fmt: skip
             cond = cond.gather(1, pick[..., None].expand(-1, -1, cond.shape[-1]))
             result = solve_patch(solver, net.velocity, cond, (B, count - done, token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg.scale_at(count, n), temperature=cfg.temperature)  # fmt: skip
+                                 cfg_scale=cfg.scale_at(count, n), temperature=cfg.temperature, capture=cfg.capture)  # fmt: skip
             tokens.scatter_(1, new_BK[..., None].expand(-1, -1, token_dim), result.y1.to(tokens.dtype))
             known.scatter_(1, new_BK, True)
             nfe, done = nfe + result.nfe, count

@@ -138,7 +138,7 @@ class VAR(Generator):
         guided = any(per_module(cfg, k).cfg_scale != 1.0 for k in range(len(self.scales)))
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         with autocast():
-            cache = net.start_cache(labels_in, stage=0)
+            cache = net.start_cache(labels_in, stage=0, capacity=self.bounds[-1][1])  # every scale's rows
         prev, nfe, r = None, [], self._pyramid_rows(device)
         for k, s in enumerate(self.scales):  # scale k is stage k: modules.(k+1) sets its solver and guidance
             solver_k, cfg_k = per_module(solver, k), per_module(cfg, k)
@@ -148,7 +148,8 @@ class VAR(Generator):
             with autocast():
                 cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
             result = solve_patch(solver_k, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg_k.scale_at(s * s, n), temperature=cfg_k.temperature)  # one scale, one patch
+                                 cfg_scale=cfg_k.scale_at(s * s, n), temperature=cfg_k.temperature,
+                                 capture=cfg_k.capture)  # one scale, one patch
             prev = result.y1.float().transpose(1, 2).reshape(B, token_dim, s, s)
             nfe.append(result.nfe)
         return TokenSample(flat(prev)[:, self.cell_of_token], sum(nfe), len(self.scales), tuple(nfe))

@@ -90,6 +90,11 @@ class FixedGridSolver(ODESolver):
     def _tableau(self) -> Tableau | None:
         return self.tableau or TABLEAUS.get(getattr(self, "method", ""))
 
+    def evaluations(self) -> int | None:
+        """Stages x steps for a native tableau; ``None`` through ``odeint`` (counted as it runs)."""
+        tableau = self._tableau()
+        return None if tableau is None else len(tableau.b) * self.params.steps
+
     def solve(self, velocity: VelocityFn, y0: torch.Tensor) -> torch.Tensor:
         tableau = self._tableau()
         if tableau is not None:

@@ -31,16 +31,38 @@ def timestep_features(t: Tensor, dim: int = 64) -> Tensor:
 
 
 class LayerCache:
-    """Keys and values of the rows a layer has seen so far: ``(B, heads, T, head_dim)``."""
+    """Keys and values of the rows a layer has seen so far: ``(B, heads, T, head_dim)``.
 
-    def __init__(self):
+    With ``capacity`` (the prefix plus every row a sampling call will append) the buffers are
+    allocated once, at the first append, at their final length and written in place: no
+    ``torch.cat``, no new shapes or allocations per step, fixed addresses (what a CUDA graph of a
+    step needs). Without it the cache grows by concatenation (for callers that do not know).
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.length = 0
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        """Store the new rows' keys and values; returns every row's so far (views)."""
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            self.length = self.k.shape[2]
+            return self.k, self.v
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} rows; appending {k.shape[2]} to {self.length} overflows it")
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_empty(B, H, self.capacity, hd)
+            self.v = v.new_empty(B, H, self.capacity, hd)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):

@@ -113,8 +113,9 @@ class Transformer(ScaleModule):
             block.compile(backend=backend)
         self.head.compile(backend=backend)
 
-    def start_cache(self, labels_B: Tensor, stage: int) -> list[LayerCache]:
-        cache = [LayerCache() for _ in self.blocks]
+    def start_cache(self, labels_B: Tensor, stage: int, capacity: int | None = None) -> list[LayerCache]:
+        total = None if capacity is None else self.params.prefix_tokens + capacity
+        cache = [LayerCache(total) for _ in self.blocks]
         x = self._prefix(labels_B, stage)
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, cache=layer_cache)
