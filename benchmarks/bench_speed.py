@@ -105,23 +105,42 @@ def run_quickstart(args, peaks: dict) -> tuple[str, str]:
     return ("speed" if args.tokens == 64 else f"speed{args.tokens}"), "\n\n".join([head, *parts])
 
 
+PATHS = {"off": "eager", "auto": "captured"}  # --capture mode -> the tables' name for it
+
+
 def run_paper(args, peaks: dict) -> tuple[str, str]:
-    """NestAR-B/-L against MAR and DiT at paper size: the section key and its markdown."""
+    """NestAR-B/-L against MAR and DiT at paper size: the section key and its markdown. With
+    ``--capture both`` every variant runs eager and captured, in one table each (captured is
+    compared with captured, eager with eager), then each variant's captured / eager ratio."""
     start, parts, first = time.perf_counter(), [], None
     for model in args.models:
         for match in args.match:
-            rows = {}
-            for label, ov in paper_size.plans(model, match, args.width_scale).items():
+            by_mode = {}
+            for mode in args.capture:
+                rows = {}
+                args.capture_mode = mode
+                for label, ov in paper_size.plans(model, match, args.width_scale).items():
 
-                def log(msg: str) -> None:
-                    print(f"[{time.perf_counter() - start:6.0f} s] {model} {match} / {label}: {msg}", flush=True)
+                    def log(msg: str) -> None:
+                        print(f"[{time.perf_counter() - start:6.0f} s] {model} {match} {PATHS[mode]} / {label}: {msg}",
+                              flush=True)  # fmt: skip
 
-                rows[label] = paper_size.measure(model, ov, args, log)
-            first = first or rows[next(iter(rows))]
-            peak = peaks["bf16" if first["bf16"] else "fp32"]
-            widths = ", ".join(f"{label}: width {r['width']}" for label, r in rows.items())
-            title = paper_size.MATCHES[match].format(model=model)
-            parts.append(f"**{model}, {title}** ({widths}).\n\n" + table(rows, paper_size.BASES, peak, train=False))
+                    known = by_mode[args.capture[0]][label]["flops_per_image"] if by_mode else None  # same work
+                    rows[label] = paper_size.measure(model, ov, args, log, flops_per_image=known)
+                by_mode[mode] = rows
+                first = first or rows[next(iter(rows))]
+                peak = peaks["bf16" if first["bf16"] else "fp32"]
+                widths = ", ".join(f"{label}: width {r['width']}" for label, r in rows.items())
+                title = paper_size.MATCHES[match].format(model=model)
+                ran = "captured" if all(r["captured"] for r in rows.values()) else "eager"
+                held = ", ".join(f"{k} {r['graph_mb']:,.0f} MiB" for k, r in rows.items())
+                graphs = f" GPU memory taken by the recorded CUDA graphs: {held}." if ran == "captured" else ""
+                parts.append(f"**{model}, {title}, sampling {ran}** ({widths}).{graphs}\n\n"
+                             + table(rows, paper_size.BASES, peak, train=False))  # fmt: skip
+            if len(by_mode) == 2:
+                eager, captured = by_mode["off"], by_mode["auto"]
+                ratios = ", ".join(f"{k} {captured[k]['img_per_s'] / eager[k]['img_per_s']:.2f}x" for k in eager)
+                parts.append(f"Captured / eager sampling img/s ({model}, same process): {ratios}.")
     smoke = f" SMOKE RUN: widths scaled by {args.width_scale}, not paper size." if args.width_scale != 1.0 else ""
     shared = caption(first["device"], first["bf16"], peaks, args.images, args.repeats)
     head = f"{paper_size.setting(args.models[0])}{smoke} {shared}"
@@ -144,6 +163,9 @@ def main() -> None:
     ap.add_argument("--variants", default="", help='quickstart: comma-separated labels or their part before " (" (default: all)')
     ap.add_argument("--models", default="NestAR-B,NestAR-L", help="paper size: which models")
     ap.add_argument("--width-scale", type=float, default=1.0, help="paper size: shrink every width (smoke runs only)")
+    ap.add_argument("--capture", choices=["off", "auto", "both"], default=None,
+                    help="paper size: eager (off), captured where possible (auto), or both tables "
+                         "(default: both on CUDA, off elsewhere)")  # fmt: skip
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--section", default=None,
                     help="marked section of --out to replace (default: speed, speed256 or speed_paper)")
@@ -156,6 +178,9 @@ def main() -> None:
     if bad := [m for m in args.match if m not in MATCHES] + [m for m in args.models if m not in paper_size.CONFIGS]:
         ap.error(f"unknown --match or --models value(s): {', '.join(bad)}")
     device = pick_device(args.device)
+    args.capture = args.capture or ("both" if device.type == "cuda" else "off")
+    args.capture = ["off", "auto"] if args.capture == "both" else [args.capture]
+    args.capture_mode = args.capture[0]
     peaks = matmul_peaks(device, args.peak_size, need_bf16=args.precision == "bf16")
     print("matmul peaks (GFLOP/s):", {k: (v / 1e9 if k != "size" and v else v) for k, v in peaks.items()}, flush=True)
     key, body = (run_paper if args.paper_size else run_quickstart)(args, peaks)

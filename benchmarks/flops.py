@@ -92,16 +92,27 @@ def peak_line(peaks: dict, bf16: bool) -> str:
             f"{'bf16' if bf16 else 'fp32'} peak, the precision the rows ran in.")  # fmt: skip
 
 
-def sampling_costs(sample: Callable[[], object], images: int, repeats: int, device: torch.device) -> dict:
+def sampling_costs(sample: Callable[[], object], images: int, repeats: int, device: torch.device,
+                   counted: Callable[[], object] | None = None, warmup: int = 0,
+                   flops_per_image: float | None = None) -> dict:  # fmt: skip
     """Cost of a sampling call that makes ``images`` images and returns ``Samples``: FLOPs per
     image from one counted call (which is also the warm-up), then the median of ``repeats``
     timed calls (``repeats=0``: the counted call's own time, for runs too slow to repeat);
-    sequential network passes per image = context passes + NFE."""
+    sequential network passes per image = context passes + NFE. ``counted``: the call whose
+    FLOPs are counted, when ``sample`` would count more than its work on a first call (a
+    captured sampler warms up and records its graphs), then ``warmup`` untimed calls.
+    ``flops_per_image`` known (the same work counted in another row): no counting, the first
+    call is a plain warm-up."""
     _sync(device)
     t0 = time.perf_counter()
-    samples, flops = count_flops(sample)
+    if flops_per_image is None:
+        samples, flops = count_flops(counted or sample)
+    else:
+        samples, flops = sample(), flops_per_image * images
     _sync(device)
     counted_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        samples = sample()
     seconds = median_seconds(sample, repeats, device) if repeats else counted_s
     st = samples.stats
     return {

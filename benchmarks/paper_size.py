@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from flops import sampling_costs
+from nestar_lab import capture
 from nestar_lab.config import ExperimentConfig, apply_overrides, read_yaml
 from nestar_lab.experiment import autocast_factory, make, module_factory, pick_device, use_bf16
 from nestar_lab.interfaces import ScaleModuleSpec
@@ -102,7 +103,7 @@ def setting(model: str) -> str:
             f"DiT 50) and guidance (CFG {sample.cfg_scale:g}, {sample.cfg_schedule} schedule); sampling only.")  # fmt: skip
 
 
-def measure(model: str, overrides: list[str], args, log) -> dict:
+def measure(model: str, overrides: list[str], args, log, flops_per_image: float | None = None) -> dict:
     """Sampling costs of one paper-size variant (no training): params, FLOPs, passes, img/s."""
     cfg = load(model, overrides + [f"train.precision={args.precision or 'auto'}"])
     device = pick_device(args.device)
@@ -111,8 +112,11 @@ def measure(model: str, overrides: list[str], args, log) -> dict:
     tokenizer = get_registry().get("tokenizer", "pixels")(image_shape=LATENT)  # identity on the latent grid
     stages = range(len(gen.schedule.stages))  # each module's solver and guidance (modules:)
     solvers = [make("ode_solver", cfg.module_part("ode_solver", i)) for i in stages]
-    sampler = Sampler(gen, tokenizer, order, solvers, [cfg.module_sample(i) for i in stages],
-                      autocast_factory(device, cfg.train.precision))  # fmt: skip
+    def make_sampler(capture: str) -> Sampler:
+        sample_cfgs = [cfg.module_sample(i).model_copy(update={"capture": capture}) for i in stages]
+        return Sampler(gen, tokenizer, order, solvers, sample_cfgs, autocast_factory(device, cfg.train.precision))
+
+    sampler, eager = make_sampler(args.capture_mode), make_sampler("off")
     labels = torch.arange(args.images) % NUM_CLASSES
     params = sum(p.numel() for p in gen.parameters())
     sm = cfg.scale_module.params
@@ -120,10 +124,15 @@ def measure(model: str, overrides: list[str], args, log) -> dict:
         f"{args.images} image(s) per call: one FLOP-counted call, then {args.repeats} timed")  # fmt: skip
     t0 = time.perf_counter()
     row = {"params": params, "device": device, "bf16": use_bf16(device, cfg.train.precision), "width": sm["width"]}
-    row.update(sampling_costs(lambda: sampler(labels, seed=0), args.images, args.repeats, device))
+    graphs_before = capture.graph_memory_bytes()
+    row.update(sampling_costs(lambda: sampler(labels, seed=0), args.images, args.repeats, device,
+                              counted=lambda: eager(labels, seed=0), warmup=2 if sampler.captured else 0,
+                              flops_per_image=flops_per_image))  # fmt: skip
+    row.update(captured=sampler.captured, graph_mb=(capture.graph_memory_bytes() - graphs_before) / 2**20)
     log(f"done in {time.perf_counter() - t0:.0f} s: {row['flops_per_image'] / 1e9:,.1f} GFLOP/image, "
         f"{row['img_per_s']:.3g} img/s, {row['passes']:g} sequential passes")  # fmt: skip
-    del gen, sampler
+    del gen, sampler, eager
+    capture.clear()  # the next variant records its own graphs; these are freed
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

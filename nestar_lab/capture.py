@@ -154,6 +154,86 @@ class StaticSolve:
         return SolveResult(self.out.clone(), self.nfe)
 
 
+class StaticContext:
+    """The context passes of one stage at one shape (a scale module's ``start_cache`` and each
+    step's ``extend``), on CUDA recorded as graphs over a KV cache they allocate once.
+
+    The prefix graph allocates the cache (inside the shared pool, kept alive here); each step's
+    graph appends at its fixed offset and reads everything before it, so replays in step order
+    rebuild the cache of any labels. The first call at a shape runs eagerly (it warms up every
+    kernel the graphs will record); the second records the graphs, replaying each at once; later
+    calls only replay. Each step's ``rows`` are kept with its graph (the graph reads their
+    memory). Off CUDA every call is eager.
+    """
+
+    def __init__(self, net, stage: int, capacity: int, autocast: Callable):
+        self.net, self.stage, self.capacity = net, stage, capacity
+        self.autocast = uncached(autocast)
+        self.graphs = torch.cuda.is_available() and next(net.parameters()).device.type == "cuda"
+        self.calls = 0
+        self.labels: Tensor | None = None
+        self.prefix = None
+        self.cache = None
+        self.steps: dict[int, tuple[Tensor, object, Tensor, object]] = {}  # step -> (input, graph, output, rows)
+        self.memory_bytes = 0
+
+    def _record(self, fn: Callable[[], object]):
+        device = next(self.net.parameters()).device
+        pool = _POOLS.setdefault(str(device), torch.cuda.graph_pool_handle())
+        before = torch.cuda.memory_allocated(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool), self.autocast():
+                out = fn()
+        except torch.OutOfMemoryError as exc:
+            raise CaptureError(f"out of GPU memory capturing a context pass of stage {self.stage + 1}; "
+                               f"lower sample.batch_size or set sample.capture: off") from exc  # fmt: skip
+        self.memory_bytes += max(torch.cuda.memory_allocated(device) - before, 0)
+        graph.replay()
+        return graph, out
+
+    def start(self, labels: Tensor):
+        """The cache holding the label prefix for ``labels`` (what ``net.start_cache`` returns)."""
+        self.calls += 1
+        if not self.graphs or self.calls == 1:
+            with self.autocast():
+                self.cache = self.net.start_cache(labels, stage=self.stage, capacity=self.capacity)
+            return self.cache
+        if self.prefix is None:
+            self.labels = labels.clone()
+            self.prefix, self.cache = self._record(
+                lambda: self.net.start_cache(self.labels, stage=self.stage, capacity=self.capacity))
+        else:
+            self.labels.copy_(labels)
+            self.prefix.replay()
+        return self.cache
+
+    def extend(self, step: int, x_in: Tensor, rows) -> Tensor:
+        """Step ``step``'s conditioning (``net.extend`` on the cache :meth:`start` returned)."""
+        if not self.graphs or self.calls == 1:
+            with self.autocast():
+                return self.net.extend(x_in, rows, self.cache)
+        if step not in self.steps:
+            buffer = x_in.clone()
+            graph, out = self._record(lambda: self.net.extend(buffer, rows, self.cache))
+            self.steps[step] = (buffer, graph, out, rows)
+        else:
+            buffer, graph, out, _ = self.steps[step]
+            buffer.copy_(x_in)
+            graph.replay()
+        return out.clone()
+
+
+def static_context(net, stage: int, labels: Tensor, capacity: int, autocast: Callable) -> StaticContext:
+    """The :class:`StaticContext` of ``net`` for this stage, batch and precision, built on first use."""
+    store = vars(net).setdefault(_STORE_ATTR, {})
+    _OWNERS.add(net)
+    key = ("context", stage, tuple(labels.shape), capacity, _autocast_key(autocast))
+    if key not in store:
+        store[key] = StaticContext(net, stage, capacity, autocast)
+    return store[key]
+
+
 def _owner_and_func(head: Callable) -> tuple[object, object]:
     """What a capture is stored on (the module of a bound method, else the callable) and its key."""
     owner = getattr(head, "__self__", None)
@@ -181,12 +261,17 @@ def _autocast_key(autocast: Callable) -> tuple:
 
 def captured(owner: object) -> list[StaticSolve]:
     """The static solves kept for ``owner`` (a module whose head was solved with capture)."""
-    return list(vars(owner).get(_STORE_ATTR, {}).values())
+    return [s for s in vars(owner).get(_STORE_ATTR, {}).values() if isinstance(s, StaticSolve)]
+
+
+def contexts(owner: object) -> list[StaticContext]:
+    """The static context passes kept for ``owner`` (a scale module sampled with capture)."""
+    return [s for s in vars(owner).get(_STORE_ATTR, {}).values() if isinstance(s, StaticContext)]
 
 
 def graph_memory_bytes() -> int:
     """GPU memory the captured graphs took when they were recorded (sum over every store)."""
-    return sum(s.memory_bytes for owner in list(_OWNERS) for s in captured(owner))
+    return sum(s.memory_bytes for owner in list(_OWNERS) for s in vars(owner).get(_STORE_ATTR, {}).values())
 
 
 def clear() -> None:

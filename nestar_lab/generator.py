@@ -104,6 +104,16 @@ class Generator(Plugin, nn.Module, ABC):
             self._rows[key] = groups.to(device)
         return self._rows[key]
 
+    def step_rows(self, stage: int, device: torch.device) -> list[Rows]:
+        """The rows of each sequential step of ``stage``, on ``device``, built once (sampling reads
+        them every call: no host-to-device copy, and the same memory for a captured step)."""
+        key = ("steps", stage, str(device))
+        if key not in self._rows:
+            st = self.schedule.stages[stage]
+            src, tgt = st.src_idx.to(device), st.tgt_idx.to(device)
+            self._rows[key] = [Rows(src[st.step_rows(s)], tgt[st.step_rows(s)]) for s in range(st.num_steps)]
+        return self._rows[key]
+
     def net(self, stage: int) -> ScaleModule:
         """The scale module that runs ``stage``."""
         return self.nets[stage if len(self.nets) > 1 else 0]

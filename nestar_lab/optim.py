@@ -35,8 +35,15 @@ class EMA:
         still instead, decided on the device (no host sync; a skipped training step)."""
         d = min(self.decay, (1 + step) / (10 + step))
         names = list(self.shadow)
-        weight = 1 - d if skip is None else (1 - d) * (~skip).float()
-        torch._foreach_lerp_([self.shadow[k] for k in names], [params[k].detach().float() for k in names], weight)
+        shadow, current = [self.shadow[k] for k in names], [params[k].detach().float() for k in names]
+        if skip is None:
+            torch._foreach_lerp_(shadow, current, 1 - d)
+            return
+        # shadow += w (p - shadow) with w a device tensor: _foreach_mul_'s Tensor overload reads no
+        # value on the host (a 0-dim tensor passed to _foreach_lerp_ becomes a Python scalar: a sync)
+        steps = torch._foreach_sub(current, shadow)
+        torch._foreach_mul_(steps, (1 - d) * (~skip).float())
+        torch._foreach_add_(shadow, steps)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nestar_lab.capture import describe, why_not_capturable
+from nestar_lab.capture import describe, static_context, why_not_capturable
+from nestar_lab.capture import resolve as capture_resolve
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import solve_patch, with_null_labels
 from nestar_lab.schedule import gather_inputs, per_module
-from nestar_lab.interfaces import ODESolver, Rows, Samples, SampleStats, Tokenizer, TokenOrder, TokenSample
+from nestar_lab.interfaces import ODESolver, Samples, SampleStats, Tokenizer, TokenOrder, TokenSample
 
 
 @torch.no_grad()
@@ -42,20 +43,26 @@ def sample_tokens(
         net, solver_i, cfg_i = gen.net(i), per_module(solver, i), per_module(cfg, i)
         guided = cfg_i.cfg_scale != 1.0  # cond and uncond rows share one batch
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
-        src_all, tgt_all = stage.src_idx.to(device), stage.tgt_idx.to(device)
         nfe.append(0)
-        with autocast():
-            cache = net.start_cache(labels_in, stage=i, capacity=stage.num_rows)  # allocated once, written in place
-        for s in range(stage.num_steps):
-            sl = stage.step_rows(s)
-            rows = Rows(src_all[sl], tgt_all[sl])
-            x_in = gather_inputs(tokens, rows.src_idx)
+        static = capture_resolve(cfg_i.capture, solver_i, device)
+        context = static_context(net, i, labels_in, stage.num_rows, autocast) if static else None
+        if context is not None:  # CUDA: the prefix and every step's extension replay as graphs
+            cache = context.start(labels_in)
+        else:
             with autocast():
-                cond = net.extend(torch.cat([x_in, x_in]) if guided else x_in, rows, cache)
+                cache = net.start_cache(labels_in, stage=i, capacity=stage.num_rows)  # allocated once, written in place
+        for s, rows in enumerate(gen.step_rows(i, device)):
+            x_in = gather_inputs(tokens, rows.src_idx)
+            x_in = torch.cat([x_in, x_in]) if guided else x_in
+            if context is not None:
+                cond = context.extend(s, x_in, rows)
+            else:
+                with autocast():
+                    cond = net.extend(x_in, rows, cache)
             done, passes = done + len(rows), passes + 1
             result = solve_patch(solver_i, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
                                  cfg_scale=cfg_i.scale_at(done, n), temperature=cfg_i.temperature,
-                                 capture=cfg_i.capture)  # fmt: skip
+                                 capture=static)  # fmt: skip
             tokens[:, rows.tgt_idx] = result.y1.to(tokens.dtype)
             nfe[i] += result.nfe  # a Python count: no sync
     return TokenSample(tokens, sum(nfe), passes, tuple(nfe))

@@ -130,9 +130,9 @@ def _experiment(tiny_raw, generator: str, solver: str = "euler", steps: int = 2)
 
 def _sample(exp, capture_mode):
     cfg = exp.cfg.sample.model_copy(update={"capture": capture_mode})
-    rng = torch.Generator().manual_seed(5)
-    return exp.generator.sample_tokens(torch.tensor([0, 3, 7]), exp.solver, cfg, rng, exp.tokenizer.latent_shape[0],
-                                       exp.autocast())  # fmt: skip
+    rng = torch.Generator(device=exp.device).manual_seed(5)
+    labels = torch.tensor([0, 3, 7], device=exp.device)
+    return exp.generator.sample_tokens(labels, exp.solver, cfg, rng, exp.tokenizer.latent_shape[0], exp.autocast())
 
 
 @pytest.mark.parametrize("generator", sorted(GENERATORS))
@@ -228,3 +228,55 @@ def test_the_kv_cache_is_allocated_once_and_written_in_place(tiny_raw, monkeypat
     assert [(c.k.data_ptr(), c.k.shape) for c in cache] == buffers and cache[0].length == net.params.prefix_tokens + 12
     with pytest.raises(ValueError, match="KV cache holds"):
         net.extend(torch.randn(2, 1, exp.tokenizer.latent_shape[0]), Rows(torch.tensor([0]), torch.tensor([1])), cache)
+
+
+# ------------------------------------------------------------------ where a GPU exists
+
+CAPTURE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # max |captured - eager| over tokens of unit scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_checks.sh runs this)")
+@pytest.mark.parametrize("precision", sorted(CAPTURE_TOLERANCE))
+@pytest.mark.parametrize("generator", sorted(GENERATORS))
+def test_captured_sampling_equals_eager_on_cuda(generator, precision, tiny_raw):
+    """Same seed, same images: the first captured call records the solves (the context passes run
+    eagerly), the second records the context passes, the third only replays; each equals eager."""
+    tiny_raw.update(device="cuda")
+    tiny_raw["train"]["precision"] = precision
+    exp, gen = _experiment(tiny_raw, generator)
+    eager = _sample(exp, "off").tokens
+    for call in range(3):
+        captured = _sample(exp, "on")
+        assert captured.tokens.shape == eager.shape
+        diff = (captured.tokens - eager).abs().max().item()
+        assert diff <= CAPTURE_TOLERANCE[precision], f"call {call}: max |captured - eager| = {diff}"
+    assert capture.graph_memory_bytes() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_no_hidden_sync_on_cuda(tiny_raw):
+    """What the Python-level count cannot see (a sync inside a C++ op): CUDA's sync debug mode
+    raises on any synchronizing call in a plain training step and in a captured sampling call."""
+    tiny_raw.update(device="cuda")
+    tiny_raw["train"]["log_every"] = 10
+    exp = build_experiment(validate_config(tiny_raw))
+    opt, ema = make_optimizer(exp)
+    split = exp.dataset.split("train")
+    tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:16].cuda()))
+    labels = split.labels[:16].cuda()
+    _guarded_step(exp, opt, ema, tokens, labels, 0)
+    exp.generator.eval()
+    for _ in range(2):  # the first calls record the graphs (recording itself may synchronize)
+        _sample(exp, "on")
+    exp.generator.train()
+    cfg = exp.cfg.sample.model_copy(update={"capture": "on"})
+    rng = torch.Generator(device=exp.device).manual_seed(5)
+    wanted = torch.tensor([0, 3, 7], device=exp.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _guarded_step(exp, opt, ema, tokens, labels, 3)
+        exp.generator.eval()
+        exp.generator.sample_tokens(wanted, exp.solver, cfg, rng, exp.tokenizer.latent_shape[0], exp.autocast())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
