@@ -12,8 +12,10 @@ replayed (gpt-fast, vLLM and SGLang do the same for a decoder step):
 - the graph is keyed by everything that fixes its kernels: the velocity function, the solver and
   its params, the shapes and dtypes, the precision; one graph per key, kept on the module that
   owns the velocity function, reused across calls;
-- every graph of a device shares one memory pool (they never run concurrently; each result is
-  copied out before the next replay), so the graphs hold about one solve's activations.
+- every solve graph of a device shares one memory pool (they never run concurrently; each result
+  is copied out before the next replay), so the solve graphs hold about one solve's activations;
+  the context graphs of a stage (:class:`StaticContext`) have a pool of their own, because their
+  KV cache lives across other graphs' replays and must not share memory with their scratch.
 
 Off CUDA (and under ``capture=False`` in tests) the same static-buffer function runs eagerly:
 the CPU checks that it equals eager sampling and that it traces with no graph break.
@@ -166,20 +168,24 @@ class StaticContext:
     memory). Off CUDA every call is eager.
     """
 
-    def __init__(self, net, stage: int, capacity: int, autocast: Callable):
+    def __init__(self, net, stage: int, capacity: int, autocast: Callable, graphs: bool | None = None):
         self.net, self.stage, self.capacity = net, stage, capacity
         self.autocast = uncached(autocast)
-        self.graphs = torch.cuda.is_available() and next(net.parameters()).device.type == "cuda"
+        on_cuda = torch.cuda.is_available() and next(net.parameters()).device.type == "cuda"
+        self.graphs = on_cuda if graphs is None else graphs and on_cuda
         self.calls = 0
         self.labels: Tensor | None = None
         self.prefix = None
         self.cache = None
         self.steps: dict[int, tuple[Tensor, object, Tensor, object]] = {}  # step -> (input, graph, output, rows)
+        self.pool = None  # this stage's graphs replay in the order they were recorded, so they share one
         self.memory_bytes = 0
 
     def _record(self, fn: Callable[[], object]):
         device = next(self.net.parameters()).device
-        pool = _POOLS.setdefault(str(device), torch.cuda.graph_pool_handle())
+        if self.pool is None:  # its own pool: the cache must never share memory with another graph's
+            self.pool = torch.cuda.graph_pool_handle()  # scratch (a solve replayed between two steps)
+        pool = self.pool
         before = torch.cuda.memory_allocated(device)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -224,8 +230,11 @@ class StaticContext:
         return out.clone()
 
 
-def static_context(net, stage: int, labels: Tensor, capacity: int, autocast: Callable) -> StaticContext:
-    """The :class:`StaticContext` of ``net`` for this stage, batch and precision, built on first use."""
+def context_passes(net, stage: int, labels: Tensor, capacity: int, autocast: Callable, static: bool) -> StaticContext:
+    """A stage's context passes: ``static``, the kept :class:`StaticContext` of ``net`` for this
+    stage, batch and precision (recorded on CUDA); else a fresh eager one (a cache per call)."""
+    if not static:
+        return StaticContext(net, stage, capacity, autocast, graphs=False)
     store = vars(net).setdefault(_STORE_ATTR, {})
     _OWNERS.add(net)
     key = ("context", stage, tuple(labels.shape), capacity, _autocast_key(autocast))

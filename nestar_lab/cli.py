@@ -297,7 +297,9 @@ def cmd_sample(args) -> int:
     classes = exp.dataset.num_classes
     per_class = max(1, args.num // classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    samples = make_sampler(exp)(labels, args.seed)
+    sampler = make_sampler(exp)
+    print(sampler.path, file=sys.stderr)
+    samples = sampler(labels, args.seed)
     out = Path(args.out) if args.out else Path(args.run_dir) / "grid.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out, per_class=per_class)

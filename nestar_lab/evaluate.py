@@ -49,6 +49,8 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
         samples_per_class=exp.cfg.eval.samples_per_class,
         seed=exp.cfg.eval.seed,
     )
+    if info.is_main:
+        print(ctx.sampler.path, file=sys.stderr)  # captured or eager, and why
     if info.enabled:
         labels = torch.arange(exp.dataset.num_classes).repeat_interleave(ctx.samples_per_class)
         ctx._generated = sample_sharded(ctx.sampler, labels, ctx.seed, exp.device, info)
@@ -69,7 +71,7 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     row.setdefault("nfe_per_image", st.nfe_per_image)
     for i, nfe in enumerate(st.nfe_per_module):
         row.setdefault(f"nfe_module_{i + 1}", nfe)
-    row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds)
+    row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds, sample_captured=int(st.captured))
     save_grid(samples, run_dir / "samples.png")
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
     if record:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nestar_lab.capture import describe, static_context, why_not_capturable
+from nestar_lab.capture import context_passes, describe, why_not_capturable
 from nestar_lab.capture import resolve as capture_resolve
 from nestar_lab.config import SampleConfig
 from nestar_lab.flow import solve_patch, with_null_labels
@@ -45,20 +45,11 @@ def sample_tokens(
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         nfe.append(0)
         static = capture_resolve(cfg_i.capture, solver_i, device)
-        context = static_context(net, i, labels_in, stage.num_rows, autocast) if static else None
-        if context is not None:  # CUDA: the prefix and every step's extension replay as graphs
-            cache = context.start(labels_in)
-        else:
-            with autocast():
-                cache = net.start_cache(labels_in, stage=i, capacity=stage.num_rows)  # allocated once, written in place
+        context = context_passes(net, i, labels_in, stage.num_rows, autocast, static)  # static on CUDA: graphs
+        context.start(labels_in)  # the KV cache, allocated once at the stage's length and written in place
         for s, rows in enumerate(gen.step_rows(i, device)):
             x_in = gather_inputs(tokens, rows.src_idx)
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            if context is not None:
-                cond = context.extend(s, x_in, rows)
-            else:
-                with autocast():
-                    cond = net.extend(x_in, rows, cache)
+            cond = context.extend(s, torch.cat([x_in, x_in]) if guided else x_in, rows)
             done, passes = done + len(rows), passes + 1
             result = solve_patch(solver_i, net.velocity, cond, (B, len(rows), token_dim), rng=rng, autocast=autocast,
                                  cfg_scale=cfg_i.scale_at(done, n), temperature=cfg_i.temperature,

@@ -73,7 +73,11 @@ class TrainConfig(Strict):
         "joint", description="progressive: modules pre-trained one at a time, then jointly"
     )
     progressive_fraction: float = Field(0.5, ge=0, lt=1, description="share of steps spent pre-training")
-    compile: bool = Field(False, description="torch.compile the scale modules' parts (GPU; no gain on this CPU)")
+    compile: bool = Field(
+        False,
+        description="torch.compile each scale module's blocks and velocity head (not the whole step: loss, "
+        "backward and optimiser stay eager); no gain measured on a 2-core CPU, GPU gain not yet measured",
+    )
     compile_backend: str = Field("inductor", description="torch.compile backend (eager: tracing only, for tests)")
 
 

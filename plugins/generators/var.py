@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from nestar_lab.capture import context_passes
 from nestar_lab.capture import resolve as capture_resolve
-from nestar_lab.capture import static_context
 from nestar_lab.flow import draw_path, solve_patch, with_null_labels
 from nestar_lab.generator import Generator, per_module
 from nestar_lab.interfaces import Params, PassOptions, Rows, TokenSample
@@ -141,24 +141,15 @@ class VAR(Generator):
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         capacity = self.bounds[-1][1]  # every scale's rows
         static = capture_resolve(per_module(cfg, 0).capture, per_module(solver, 0), device)
-        context = static_context(net, 0, labels_in, capacity, autocast) if static else None
-        if context is not None:  # CUDA: the prefix and each scale's extension replay as graphs
-            cache = context.start(labels_in)
-        else:
-            with autocast():
-                cache = net.start_cache(labels_in, stage=0, capacity=capacity)
+        context = context_passes(net, 0, labels_in, capacity, autocast, static)  # one KV cache for every scale
+        context.start(labels_in)
         prev, nfe, r = None, [], self._pyramid_rows(device)
         for k, s in enumerate(self.scales):  # scale k is stage k: modules.(k+1) sets its solver and guidance
             solver_k, cfg_k = per_module(solver, k), per_module(cfg, k)
             sl = slice(*self.bounds[k])
             rows = Rows(r.src_idx[sl], r.tgt_idx[sl], coords=r.coords[sl], stages=r.stages[sl])
             x_in = torch.zeros(B, s * s, token_dim, device=device) if prev is None else flat(self._upsample(prev, s))
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            if context is not None:
-                cond = context.extend(k, x_in, rows)
-            else:
-                with autocast():
-                    cond = net.extend(x_in, rows, cache)
+            cond = context.extend(k, torch.cat([x_in, x_in]) if guided else x_in, rows)
             result = solve_patch(solver_k, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
                                  cfg_scale=cfg_k.scale_at(s * s, n), temperature=cfg_k.temperature,
                                  capture=cfg_k.capture)  # one scale, one patch
