@@ -280,3 +280,23 @@ def test_no_hidden_sync_on_cuda(tiny_raw):
         exp.generator.sample_tokens(wanted, exp.solver, cfg, rng, exp.tokenizer.latent_shape[0], exp.autocast())
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_running_out_of_memory_while_capturing_is_one_line(monkeypatch):
+    """The GPU fills up while a solve is recorded: one line naming the batch and the way out."""
+    from nestar_lab.errors import describe
+    from nestar_lab.flow import guided_velocity
+    from nestar_plugins.ode_solvers.torchdiffeq_solvers import Euler
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "Stream", full)
+    with pytest.raises(capture.CaptureError) as info:
+        capture.StaticSolve(Euler(), lambda y, t, c: y, guided_velocity, torch.zeros(12, 4, 8), torch.zeros(12, 4, 3),
+                            graph=True)  # fmt: skip
+    code, lines = describe(info.value)
+    assert code == 1 and len(lines) == 1
+    assert "batch 12" in lines[0] and "sample.batch_size" in lines[0] and "sample.capture: off" in lines[0]
