@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def selected(table: dict[str, list[str]], wanted: list[str]) -> dict[str, list[s
 
 
 def seeded_config(overrides: list[str], lr: float, seed: int, args, label: str):
-    return load_config(CONFIG, overrides + [
+    device = [f"device={args.device}"] if getattr(args, "device", "auto") != "auto" else []
+    return load_config(CONFIG, overrides + device + [
         f"train.lr={lr}", f"train.steps={args.steps}", f"eval.samples_per_class={args.samples_per_class}",
         f"seed={seed}", f"eval.seed={1234 + seed}", f"output_dir={args.out_dir}", f"name={slug(label)}",
     ])  # fmt: skip
@@ -113,6 +115,24 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
 
 
+def timed_step(overrides: list[str], args) -> float:
+    """Seconds of one training step of a variant on this machine (the third of three, the first
+    ones being slow), for the estimate."""
+    from nestar_lab.data import train_batches
+    from nestar_lab.experiment import build_experiment
+    from nestar_lab.train import make_optimizer, train_step
+
+    exp = build_experiment(seeded_config(overrides, 1e-3, 0, args, "timing"))
+    batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
+    took = 0.0
+    for step in range(3):
+        tokens, labels = next(batches)
+        t0 = time.perf_counter()
+        float(train_step(exp, opt, ema, tokens, labels, step).total.detach())
+        took = time.perf_counter() - t0
+    return took
+
+
 def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str:
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
@@ -120,30 +140,42 @@ def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str
     recorded_runs = sum(len(recorded(store, configs(todo, k, searched[k]["lr"], seeds, args)))
                         for k in todo if k not in searches)  # fmt: skip
     missing = len(todo) * len(seeds) - recorded_runs
-    search_s = len(searches) * args.lr_trials * (args.lr_steps * SEC_PER_STEP + SEC_PER_SEARCH_EVAL)
-    runs_s = missing * (args.steps * SEC_PER_STEP + SEC_PER_EVAL)
+    step_s = timed_step(next(iter(todo.values())), args) if missing or searches else SEC_PER_STEP
+    evals = SEC_PER_EVAL * args.samples_per_class / 50  # sampling and features grow with the samples
+    search_s = len(searches) * args.lr_trials * (args.lr_steps * step_s + SEC_PER_SEARCH_EVAL)
+    runs_s = missing * (args.steps * step_s + evals)
     return (f"{len(todo)} variants ({', '.join(todo)}), seeds {seeds}, {args.steps} steps, "
-            f"{args.samples_per_class} samples/class. To run: {len(searches)} lr searches x {args.lr_trials} "
-            f"trials x {args.lr_steps} steps, {missing} seeded runs. Estimate on an idle 2-core CPU "
-            f"(~{SEC_PER_STEP} s/step, ~{SEC_PER_EVAL:.0f} s/evaluation): searches {minutes(search_s)} + "
-            f"seeded runs {minutes(runs_s)} = {minutes(search_s + runs_s)}")  # fmt: skip
+            f"{args.samples_per_class} samples/class. To run: {len(searches)} lr searches x {args.lr_trials}+ "
+            f"trials x {args.lr_steps} steps (more where a learning rate must be bracketed), {missing} seeded runs "
+            f"x {args.steps} steps = {missing * args.steps} training steps. Estimate from a timed step here "
+            f"({step_s:.2f} s/step, ~{evals:.0f} s/evaluation): searches {minutes(search_s)} + seeded runs "
+            f"{minutes(runs_s)} = {minutes(search_s + runs_s)}")  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="training steps of each seeded run")
-    ap.add_argument("--samples-per-class", type=int, default=50, help="evaluation samples per class")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (at least 3 for intervals)")
+    ap.add_argument("--steps", type=positive, default=1200,
+                    help="training steps of each seeded run (default: 2x the quickstart's 600, past early training)")
+    ap.add_argument("--samples-per-class", type=positive, default=50, help="evaluation samples per class")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (at least 2; 5 or more to resolve much)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     ap.add_argument("--variants", default="", help='comma-separated labels, or their part before " (" (default: all)')
-    ap.add_argument("--lr-trials", type=int, default=4, help="learning rates tried per variant (log-spaced grid)")
-    ap.add_argument("--lr-steps", type=int, default=150, help="training steps of each learning-rate trial")
-    ap.add_argument("--lr-samples-per-class", type=int, default=20, help="samples per class scoring each trial")
+    ap.add_argument("--lr-trials", type=positive, default=3, help="learning rates of the first grid (log-spaced)")
+    ap.add_argument("--lr-steps", type=positive, default=150, help="training steps of each learning-rate trial")
+    ap.add_argument("--lr-samples-per-class", type=positive, default=20, help="samples per class scoring each trial")
+    ap.add_argument("--eval-noise", metavar="RUN_DIR", default=None,
+                    help="train nothing: FID's spread over evaluation seeds for one trained run, per sample count")
+    ap.add_argument("--eval-seeds", type=positive, default=5, help="--eval-noise: evaluation seeds per count")
+    ap.add_argument("--counts", default="20,50,100", help="--eval-noise: samples per class to try")
     ap.add_argument("--out", default="docs/benchmarks.md", help='markdown file whose "quality" section is replaced')
     ap.add_argument("--out-dir", default="runs/bench_quality", help="results store, lr.json, summary.csv")
+    ap.add_argument("--section", default="quality", help="marked section of --out to replace")
     ap.add_argument("--summary-only", action="store_true",
                     help="train nothing: rewrite summary.csv and the markdown section from the runs already stored")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.eval_noise:
+        return eval_noise(args)
+    seeds = parse_seeds(ap, args.seeds)
     out_dir = Path(args.out_dir)
     table = all_plans()
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -151,8 +183,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: {', '.join(unknown)} match none of: {', '.join(table)}")
     todo = selected(table, wanted)
-    if len(seeds) < 3:
-        print(f"warning: {len(seeds)} seed(s); the 95% intervals need at least 3 to mean much", flush=True)
+    if len(seeds) < 5:
+        print(f"warning: {len(seeds)} seeds; paired intervals need about 5 or more to resolve a difference", flush=True)
     b = lr_search.budget(args.lr_trials, args.lr_steps, args.lr_samples_per_class)
     if args.summary_only:
         return write_summary(args, table, seeds, b)
@@ -184,18 +216,56 @@ def main() -> None:
     write_summary(args, table, seeds, b)
 
 
-def grid_edges(summary: pd.DataFrame, grid: list[float]) -> str:
-    """A caveat naming the variants whose chosen lr is the grid's smallest or largest arm: for
-    them the search cannot tell whether an lr beyond the grid would do better."""
-    if summary.empty or len(grid) < 2:
-        return ""
-    lo, hi = min(grid), max(grid)
-    names = [f"{v} (lr {lr:g}, the {'largest' if lr == hi else 'smallest'} tried)"
-             for v, lr in zip(summary["variant"], summary["lr"]) if lr in (lo, hi)]  # fmt: skip
-    if not names:
-        return ""
-    return ("Chosen at an edge of the learning-rate grid: " + "; ".join(names)
-            + ". For these the search cannot tell whether a learning rate beyond the grid would do better.")
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
+
+
+def parse_seeds(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--seeds``: distinct integers, at least two (one seed gives no interval): checked before any work."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--seeds: expected comma-separated integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds: {text!r} repeats a seed")
+    if len(seeds) < 2:
+        ap.error(f"--seeds: {len(seeds)} seed(s) give no interval; give at least 2 (5 or more to resolve much)")
+    return seeds
+
+
+def eval_noise(args) -> None:
+    """How much FID moves when only the evaluation draw changes (labels and sampling noise), for
+    one trained run, at each sample count: the spread the evaluation adds to every seeded run's
+    FID, next to the spread between training seeds. Writes the ``quality_eval_noise`` section."""
+    run_dir = Path(args.eval_noise)
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    base = load_trained(run_dir).cfg
+    lines = ["| samples per class | FID over evaluation seeds: mean ± std (min-max) | seconds per evaluation |",
+             "|---|---|---|"]  # fmt: skip
+    for count in counts:
+        fids, took = [], []
+        for k in range(args.eval_seeds):
+            cfg = base.model_copy(update={"eval": base.eval.model_copy(update={"samples_per_class": count,
+                                                                               "seed": 9000 + k})})  # fmt: skip
+            cfg = cfg.model_copy(update={"metrics": [m for m in cfg.metrics if m.name == "fidelity"] or cfg.metrics})
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as scratch:  # metrics.json and the grid: not kept
+                row = evaluate(load_trained(run_dir, cfg=cfg), scratch, record=False)
+            took.append(time.perf_counter() - t0)
+            fids.append(float(row["fid_digits_cnn"]))
+            print(f"[eval-noise] {count}/class, eval seed {9000 + k}: FID {fids[-1]:.2f} ({took[-1]:.0f} s)", flush=True)
+        f = pd.Series(fids)
+        lines.append(f"| {count} | {f.mean():.2f} ± {f.std(ddof=1):.2f} ({f.min():.2f}-{f.max():.2f}) | "
+                     f"{sum(took) / len(took):.0f} |")  # fmt: skip
+    body = (f"One trained run (`{shown_path(run_dir)}`, {base.train.steps} steps), evaluated {args.eval_seeds} times "
+            f"per sample count with evaluation seeds 9000-{9000 + args.eval_seeds - 1} (labels and sampling noise "
+            f"change, the weights do not); `fid_digits_cnn` against the train split.\n\n" + "\n".join(lines))  # fmt: skip
+    print(body, flush=True)
+    write_section(Path(args.out), "quality_eval_noise", body)
 
 
 def shown_path(path: Path) -> str:
@@ -218,9 +288,13 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     summary.to_csv(out_dir / "summary.csv", index=False)
     cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    if MATCH_TO not in set(runs["variant"]):
+        raise SystemExit(f"error: the reference variant {MATCH_TO!r} has no runs in {out_dir / 'results.csv'} "
+                         f"for seeds {seeds}; run it first (--variants \"{MATCH_TO}\")")  # fmt: skip
     lines = quality_stats.comparisons(summary, MATCH_TO)
     shown = shown_path(out_dir)
-    edges = grid_edges(summary, b["grid"])
+    brackets = "; ".join(f"{k}: lr {v['lr']:g}, {lr_search.describe_bracket(v)}" for k, v in chosen.items())
+    paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO)
     body = (f"Device: {device}. Each variant: {args.steps} training steps per seed at its own learning rate, "
             f"{args.samples_per_class} samples per class, seeds {', '.join(map(str, seeds))} (training seed; "
             f"eval seed 1234 + seed); parameter counts matched to {MATCH_TO}'s (widths chosen by "
@@ -229,11 +303,15 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
             f"{lr_search.describe(b)}. Per-seed rows: "
             f"`{shown}/results.csv`; this table as numbers: `{shown}/summary.csv`.\n\n"
             + quality_stats.markdown(summary)
-            + f"\n\nWhat the 95% intervals support against {MATCH_TO} (overlap: no difference claimed):\n\n"
-            + "\n".join(lines)
-            + (f"\n\n{edges}" if edges else ""))  # fmt: skip
+            + f"\n\nLearning rates and their brackets: {brackets}."
+            + f"\n\nPaired differences from {MATCH_TO} (variant minus {MATCH_TO} over the seeds both have, same "
+            f"data order and evaluation draw per seed; mean [95% t-interval]; resolved when the interval excludes "
+            f"0, otherwise the seeds the observed paired spread says would resolve a difference of the observed "
+            f"size):\n\n" + paired
+            + f"\n\nUnpaired, for reference: what the per-variant 95% intervals support against {MATCH_TO} "
+            f"(overlap: no difference claimed):\n\n" + "\n".join(lines))  # fmt: skip
     print(body, flush=True)
-    write_section(Path(args.out), "quality", body)
+    write_section(Path(args.out), args.section, body)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ search seed kept apart from the benchmark's seeds, and scored by FID on a few sa
 chosen learning rate per variant (and every trial's score) goes to ``lr.json``; a variant
 whose search with the same budget is already there is not searched again, and an interrupted
 search resumes from its study storage.
+
+Bracketing: when the best learning rate is the grid's largest (smallest), the search goes on past
+that edge, one arm at a time, each ``BRACKET_FACTOR`` beyond the best so far, until the best has a
+worse neighbour on both sides (a diverged training counts as worse), or ``BRACKET_CAP`` extensions
+on that side found none; ``lr.json`` and the table state each variant's bracket.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import yaml
 
 from nestar_lab.config import dump_config, load_config
 from nestar_lab.study import NamedSpec, Objective, ParamSpace, StudySpec
+from nestar_lab.tuning import Objective as TrialObjective
 from nestar_lab.tuning import run_study
 
-LR_RANGE = (3.0e-4, 5.0e-3)
+LR_RANGE = (3.0e-4, 5.0e-3)  # the first grid; a search extends past an edge where its best lr sits
+BRACKET_FACTOR, BRACKET_CAP = 4.0, 3  # each extension x4 (or /4); at most 3 on a side
+LR_BOUNDS = (LR_RANGE[0] / BRACKET_FACTOR**BRACKET_CAP, LR_RANGE[1] * BRACKET_FACTOR**BRACKET_CAP)
 SEARCH_SEED = 100  # training seed of every search trial: none of the benchmark's seeds
 OBJECTIVE = "fid_digits_cnn"
 SEARCH_METRICS = [  # FID only: the search's evaluations stay cheap
@@ -46,15 +54,18 @@ def lr_grid(trials: int) -> list[float]:
 def budget(trials: int, steps: int, samples_per_class: int) -> dict[str, Any]:
     """What every variant's search spends; stored with its result and stated in the table."""
     return {"grid": lr_grid(trials), "steps": steps, "samples_per_class": samples_per_class,
-            "objective": OBJECTIVE, "seed": SEARCH_SEED}  # fmt: skip
+            "objective": OBJECTIVE, "seed": SEARCH_SEED,
+            "bracket": {"factor": BRACKET_FACTOR, "cap": BRACKET_CAP}}  # fmt: skip
 
 
 def describe(b: dict[str, Any]) -> str:
     """One line for a caption: the search every variant got."""
     grid = ", ".join(f"{v:g}" for v in b["grid"])
-    return (f"Learning rate per variant: the best of {len(b['grid'])} trials (lr in {{{grid}}}), each "
-            f"{b['steps']} steps at seed {b['seed']}, scored by {b['objective']} on "
-            f"{b['samples_per_class']} samples per class (an Optuna study per variant, same budget for all)")  # fmt: skip
+    return (f"Learning rate per variant: the best of a first grid of {len(b['grid'])} trials (lr in {{{grid}}}), "
+            f"extended past an edge x{BRACKET_FACTOR:g} at a time (at most {BRACKET_CAP} per side) until the best "
+            f"has a worse neighbour on both sides; each trial {b['steps']} steps at seed {b['seed']}, scored by "
+            f"{b['objective']} on {b['samples_per_class']} samples per class (an Optuna study per variant, same "
+            f"rule for all)")  # fmt: skip
 
 
 def make_spec(config: str, slug: str, overrides: list[str], b: dict[str, Any], root: Path) -> StudySpec:
@@ -69,7 +80,7 @@ def make_spec(config: str, slug: str, overrides: list[str], b: dict[str, Any], r
         base="base.yaml",
         overrides={"train.steps": b["steps"], "eval.samples_per_class": b["samples_per_class"],
                    "seed": b["seed"], "metrics": SEARCH_METRICS},  # fmt: skip
-        space={"train.lr": ParamSpace(float_range=LR_RANGE, log=True)},
+        space={"train.lr": ParamSpace(float_range=LR_BOUNDS, log=True)},  # room for the extensions
         arms=[{"train.lr": lr} for lr in b["grid"]],
         objectives=[Objective(metric=b["objective"], direction="minimize")],
         sampler=NamedSpec(name="random", params={"seed": 0}),
@@ -89,6 +100,13 @@ def load_chosen(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def run_arm(spec: StudySpec, study: optuna.Study, lr: float) -> None:
+    """One more trial of the variant's study at ``lr`` (the study's own objective: the same
+    training, evaluation and failure records as the grid's arms)."""
+    study.enqueue_trial({"train.lr": lr}, skip_if_exists=True)
+    study.optimize(TrialObjective(spec), n_trials=1, catch=(Exception,))
+
+
 def current(entry: dict[str, Any], overrides: list[str], b: dict[str, Any]) -> bool:
     """Whether a stored search is for this variant's definition and this budget."""
     return entry.get("budget") == b and entry.get("overrides") == overrides
@@ -97,6 +115,39 @@ def current(entry: dict[str, Any], overrides: list[str], b: dict[str, Any]) -> b
 def diverged(error: str) -> bool:
     """Whether a failed trial's recorded error is a training that went non-finite."""
     return error.startswith("TrainingFailed:") and "finite" in error
+
+
+def bracket_of(scores: dict[float, float], best: float) -> dict[str, Any]:
+    """The best lr's neighbours among the tried ones (``None`` past an edge)."""
+    ordered = sorted(scores)
+    i = ordered.index(best)
+    return {"below": ordered[i - 1] if i else None, "above": ordered[i + 1] if i + 1 < len(ordered) else None}
+
+
+def next_arm(scores: dict[float, float], grid: list[float]) -> float | None:
+    """The next learning rate to try: past the edge where the best sits, ``BRACKET_FACTOR`` beyond
+    it; ``None`` when the best is bracketed, or the side's extensions reached ``BRACKET_CAP``."""
+    best = min(scores, key=scores.get)
+    bracket = bracket_of(scores, best)
+    if bracket["above"] is None:  # the top (also a lone arm: try above first)
+        side, step = [lr for lr in scores if lr > max(grid)], BRACKET_FACTOR
+    elif bracket["below"] is None:
+        side, step = [lr for lr in scores if lr < min(grid)], 1 / BRACKET_FACTOR
+    else:
+        return None
+    if len(side) >= BRACKET_CAP:
+        return None
+    return float(f"{best * step:.2g}")
+
+
+def describe_bracket(entry: dict[str, Any]) -> str:
+    """``bracketed by 1.2e-3 and 2e-2``, or which edge it is stuck at (the cap was reached)."""
+    br = entry.get("bracket") or {}
+    below, above = br.get("below"), br.get("above")
+    if below is not None and above is not None:
+        return f"bracketed by {below:g} and {above:g}"
+    edge = "largest" if above is None else "smallest"
+    return f"NOT bracketed: the {edge} tried after {BRACKET_CAP} extensions"
 
 
 def arm_scores(study: optuna.Study, grid: list[float]) -> dict[float, float]:
@@ -125,15 +176,24 @@ def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[
         return float(chosen[label]["lr"])
     spec = make_spec(config, slug, overrides, b, root)
     study = run_study(spec, trials=spec.trials)
-    scores = arm_scores(study, b["grid"])
-    missing = [lr for lr in b["grid"] if lr not in scores]
-    if missing or all(math.isinf(v) for v in scores.values()):
-        errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
-        raise RuntimeError(f"{label}: learning-rate search incomplete (arms without a score: {missing or 'all diverged'}; "
-                           f"{errors}); nothing stored, see {spec.study_dir}")  # fmt: skip
+    tried = list(b["grid"])
+    while True:
+        scores = arm_scores(study, tried)
+        missing = [lr for lr in tried if lr not in scores]
+        if missing or all(math.isinf(v) for v in scores.values()):
+            errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
+            raise RuntimeError(f"{label}: learning-rate search incomplete (arms without a score: "
+                               f"{missing or 'all diverged'}; {errors}); nothing stored, see {spec.study_dir}")  # fmt: skip
+        arm = next_arm(scores, b["grid"])
+        if arm is None:
+            break
+        tried.append(arm)
+        if arm not in arm_scores(study, [arm]):  # a resumed search finds the arms it already ran
+            print(f"[lr] {label}: best lr {min(scores, key=scores.get):g} at an edge; trying {arm:g}", flush=True)
+            run_arm(spec, study, arm)
     best = min(scores, key=scores.get)
     entry = {"lr": best, "budget": b, "overrides": overrides, "trials": sorted(scores.items()),
-             "study_dir": str(spec.study_dir)}  # fmt: skip
+             "bracket": bracket_of(scores, best), "study_dir": str(spec.study_dir)}  # fmt: skip
     chosen = load_chosen(store) | {label: entry}  # reread: another process may have added a variant
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")

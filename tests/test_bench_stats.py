@@ -48,12 +48,62 @@ def test_verdicts_name_the_better_variant_only_when_intervals_are_disjoint():
     assert quality_stats.comparisons(one_seed, "other") == ["(no rows for other: nothing to compare against)"]
 
 
-def test_learning_rates_at_an_edge_of_the_grid_are_flagged():
-    summary = pd.DataFrame({"variant": ["a", "b", "c"], "lr": [0.005, 0.0012, 0.0003]})
-    note = bench_quality.grid_edges(summary, [0.0003, 0.0012, 0.005])
-    assert "a (lr 0.005, the largest tried)" in note and "c (lr 0.0003, the smallest tried)" in note
-    assert "b (" not in note
-    assert bench_quality.grid_edges(summary.iloc[1:2], [0.0003, 0.0012, 0.005]) == ""
+def test_a_learning_rate_at_an_edge_is_searched_past_it_until_bracketed():
+    import lr_search
+
+    grid = lr_search.lr_grid(3)
+    assert grid == [0.0003, 0.0012, 0.005]
+    assert lr_search.next_arm({0.0003: 30, 0.0012: 25, 0.005: 20}, grid) == 0.02  # best at the top: go up x4
+    assert lr_search.next_arm({0.0003: 10, 0.0012: 25, 0.005: 20}, grid) == 7.5e-05  # at the bottom: down /4
+    assert lr_search.next_arm({0.0003: 30, 0.0012: 20, 0.005: 25}, grid) is None  # bracketed inside the grid
+    diverged = {0.0003: 30, 0.0012: 25, 0.005: 20, 0.02: math.inf}  # training above the best diverged
+    assert lr_search.next_arm(diverged, grid) is None
+    assert lr_search.describe_bracket({"bracket": lr_search.bracket_of(diverged, 0.005)}) == "bracketed by 0.0012 and 0.02"
+    capped = {0.0003: 30, 0.0012: 25, 0.005: 20, 0.02: 19, 0.08: 18, 0.32: 17}
+    assert lr_search.next_arm(capped, grid) is None  # BRACKET_CAP extensions on that side
+    assert "NOT bracketed" in lr_search.describe_bracket({"bracket": lr_search.bracket_of(capped, 0.32)})
+    assert lr_search.next_arm({0.001: 5.0}, [0.001]) == 0.004  # a lone arm looks above first
+
+
+def test_paired_differences_resolve_what_unpaired_intervals_cannot():
+    """Seed effects shared by both variants cancel in the paired differences."""
+    ref = runs("ref", [20.0, 30.0, 40.0, 25.0, 35.0], [0.9] * 5)
+    better = runs("better", [18.0, 28.5, 38.0, 23.2, 33.1], [0.9] * 5)  # ~1.8 lower on every seed
+    table = pd.concat([ref, better])
+    summary = quality_stats.summarize(table, ["ref", "better"])
+    lines = dict(line.split(": ", 1) for line in quality_stats.comparisons(summary, "ref"))
+    assert "FID (digits CNN) intervals overlap" in lines["- better vs ref"]  # unpaired: nothing
+    p = quality_stats.paired(table, "better", "ref", "fid_digits_cnn")
+    assert p.n == 5 and p.mean == pytest.approx(-1.84) and p.resolved and p.hi < 0
+    assert "resolved: better" in quality_stats.paired_cell(p, "fid_digits_cnn")
+    noisy = runs("noisy", [21.0, 29.0, 41.0, 24.0, 36.5], [0.9] * 5)
+    q = quality_stats.paired(pd.concat([ref, noisy]), "noisy", "ref", "fid_digits_cnn")
+    assert not q.resolved and q.seeds_needed is not None and q.seeds_needed > 5
+    assert f"not resolved at 5 seeds; about {q.seeds_needed} would be needed" in quality_stats.paired_cell(q, "fid_digits_cnn") \
+        or "> 50 would be needed" in quality_stats.paired_cell(q, "fid_digits_cnn")
+    assert quality_stats.seeds_to_resolve(1.0, 0.0) is None and quality_stats.seeds_to_resolve(0.01, 10.0) == 51
+    table_md = quality_stats.paired_markdown(table, ["ref", "better"], "ref")
+    assert "| better | 5 | -1.8 [" in table_md
+    with pytest.raises(ValueError, match="reference variant 'NestAR k=4' has no runs"):
+        quality_stats.paired_markdown(table, ["ref"], "NestAR k=4")
+
+
+@pytest.mark.parametrize("seeds, message", [("0", "give no interval"), ("1,1,2", "repeats a seed"),
+                                            ("0,x", "comma-separated integers")])  # fmt: skip
+def test_a_budget_without_an_interval_is_refused_before_any_work(seeds, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--seeds", seeds])
+    monkeypatch.setattr(bench_quality, "all_plans", lambda: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as info:
+        bench_quality.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_samples_or_steps_are_refused(monkeypatch, capsys):
+    for flag in ("--samples-per-class", "--steps", "--lr-trials"):
+        monkeypatch.setattr(sys, "argv", ["bench_quality.py", flag, "0"])
+        with pytest.raises(SystemExit):
+            bench_quality.main()
+        assert "expected an integer of at least 1" in capsys.readouterr().err
 
 
 def test_shown_path_is_relative_inside_the_working_directory(tmp_path, monkeypatch):
