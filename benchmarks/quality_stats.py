@@ -17,10 +17,12 @@ difference of the observed size (:func:`seeds_to_resolve`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pandas as pd
 from scipy import stats
+
+from nestar_lab.paired import Paired
+from nestar_lab.paired import paired as paired_over_seeds
 
 METRICS = {  # results column -> (table heading, digits shown, lower is better, bounds of the interval)
     "fid_digits_cnn": ("FID (digits CNN)", 1, True, (0.0, math.inf)),
@@ -111,67 +113,21 @@ def comparisons(summary: pd.DataFrame, reference: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ paired differences
-MAX_SEEDS = 50  # beyond this the seeds needed are reported as "> 50"
-
-
-@dataclass(frozen=True)
-class Paired:
-    """``variant - reference`` on one metric over the seeds both have: the mean difference, its
-    sample std, the 95% t-interval, and (when the interval holds 0) the seeds that the observed
-    spread says would resolve a difference of the observed size."""
-
-    n: int
-    mean: float
-    std: float
-    lo: float
-    hi: float
-    seeds_needed: int | None  # None: resolved, or no estimate (fewer than 2 seeds, no spread)
-
-    @property
-    def resolved(self) -> bool:
-        return self.n >= 2 and (self.lo > 0 or self.hi < 0)
-
-
-def seeds_to_resolve(mean: float, std: float) -> int | None:
-    """The smallest n whose 95% t-interval half-width, t(0.975, n-1) std / sqrt(n), is below
-    |mean| (the observed difference with the observed paired spread); ``MAX_SEEDS + 1`` when even
-    ``MAX_SEEDS`` is not enough; ``None`` without spread or difference to go on."""
-    if not (std > 0) or mean == 0 or math.isnan(mean):
-        return None
-    for n in range(2, MAX_SEEDS + 1):
-        if float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) < abs(mean):
-            return n
-    return MAX_SEEDS + 1
-
-
 def paired(runs: pd.DataFrame, variant: str, reference: str, col: str) -> Paired:
     """Paired difference of ``col`` between ``variant`` and ``reference`` over their common seeds
-    (every variant is trained with the same seeds, data order and evaluation noise per seed)."""
-    a = runs[runs["variant"] == variant].drop_duplicates("seed", keep="last").set_index("seed")[col]
-    b = runs[runs["variant"] == reference].drop_duplicates("seed", keep="last").set_index("seed")[col]
-    d = (a - b).dropna().astype(float)
-    n = len(d)
-    if n < 2:
-        return Paired(n, float(d.mean()) if n else math.nan, math.nan, math.nan, math.nan, None)
-    mean, std = float(d.mean()), float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    result = Paired(n, mean, std, mean - half, mean + half, None)
-    return result if result.resolved else Paired(n, mean, std, mean - half, mean + half, seeds_to_resolve(mean, std))
+    (``nestar_lab.paired``: every variant is trained with the same seeds, data order and
+    evaluation draw per seed)."""
+
+    def by_seed(label: str) -> dict:
+        rows = runs[runs["variant"] == label].drop_duplicates("seed", keep="last")
+        return dict(zip(rows["seed"], rows[col]))
+
+    return paired_over_seeds(by_seed(variant), by_seed(reference))
 
 
 def paired_cell(p: Paired, col: str) -> str:
-    """``+1.2 [-0.3, 2.7]`` with the reading: which is better, or what resolving would take."""
-    digits = METRICS[col][1]
-    if p.n < 2:
-        return "n/a (fewer than 2 common seeds)"
-    diff = f"{p.mean:+.{digits}f} [{p.lo:+.{digits}f}, {p.hi:+.{digits}f}]"
-    if p.resolved:
-        lower_better = METRICS[col][2]
-        return f"{diff}, resolved: {'better' if (p.mean < 0) == lower_better else 'worse'}"
-    if p.seeds_needed is None:
-        return f"{diff}, not resolved"
-    need = f"> {MAX_SEEDS}" if p.seeds_needed > MAX_SEEDS else f"about {p.seeds_needed}"
-    return f"{diff}, not resolved at {p.n} seeds; {need} would be needed"
+    """``+1.2 [-0.3, 2.7]`` with the reading, in the metric's own direction."""
+    return p.cell(METRICS[col][1], METRICS[col][2])
 
 
 def paired_markdown(runs: pd.DataFrame, order: list[str], reference: str) -> str:

@@ -354,6 +354,8 @@ def cmd_study(args) -> int:
     for t in out.best:
         print(f"best trial {t.number}: values {t.values} params {t.params} run {t.user_attrs.get('run_id')}")
     print(to_markdown(out.table))
+    if out.paired is not None:
+        print(out.paired)
     print(f"table and plots in {out.out_dir}: {', '.join(p.name for p in out.plots) or 'no plots'}")
     return 0
 

@@ -17,12 +17,18 @@ A study file (YAML, in ``studies/``)::
     trials: 8                              # finished (COMPLETE or PRUNED) trials to hold
     heartbeat_seconds: 60                  # a trial silent for 2x this is failed and retried
     max_errors_in_a_row: 3                 # one process gives up after this many failures in a row
+    seeds: [0, 1, 2, 3, 4]                 # every arm or grid point once per seed (eval.seed = 1234 + seed)
+    reference: {coordination.name: none}   # the arm the report's paired table compares with (default: the first)
+
+With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds and ``trials``
+defaults to every combination; ``nestar study report`` then prints each arm's paired difference
+from the reference arm over the seeds (``nestar_lab.paired``).
 """
 
 from __future__ import annotations
 
+import math
 import re
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,7 +128,36 @@ class StudySpec(Strict):
     )
     output_dir: str = "runs/studies"
     notes: str = ""
+    seeds: list[int] = Field(default_factory=list, description="train every arm or grid point once per seed (paired)")
+    reference: dict[str, Any] | None = Field(None, description="the arm the paired table compares with (default: the first)")
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cross_seeds(cls, raw: Any) -> Any:
+        """``seeds``: ``seed`` searched over them, arms crossed with them, ``trials`` defaulting to
+        every combination. Idempotent, so a dumped spec validates to itself."""
+        if not isinstance(raw, dict) or "seeds" not in raw:
+            return raw
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ValueError(f"seeds: expected a list of integers, got {seeds!r}")
+        if len(set(seeds)) < 2:
+            raise ValueError(f"seeds: {len(set(seeds))} distinct seed(s) give no interval; give at least 2 "
+                             f"(5 or more to resolve much)")  # fmt: skip
+        space = dict(raw.get("space") or {})
+        given = space.get("seed")
+        if given is not None and not (isinstance(given, dict) and given.get("choices") == seeds):
+            raise ValueError("space.seed: with seeds given the study searches the seed itself; remove space.seed")
+        space["seed"] = given or {"choices": seeds}
+        arms = list(raw.get("arms") or [])
+        if arms and not all(isinstance(a, dict) and "seed" in a for a in arms):
+            arms = [{**a, "seed": x} for a in arms if isinstance(a, dict) for x in seeds]
+        trials = raw.get("trials")
+        if trials is None:
+            grid = [len(v.get("choices") or []) for k, v in space.items() if isinstance(v, dict)]
+            trials = len(arms) if arms else (math.prod(grid) if all(grid) else None)
+        return {**raw, "space": space, "arms": arms} | ({"trials": trials} if trials is not None else {})
 
     @model_validator(mode="after")
     def _known_parts(self):
@@ -138,6 +173,16 @@ class StudySpec(Strict):
             unknown = set(arm) - set(self.space)
             if unknown:
                 raise ValueError(f"arms.{i}: keys {sorted(unknown)} are not in the search space")
+        if self.reference is not None:
+            if not self.seeds:
+                raise ValueError("reference: a paired comparison needs seeds: [..] (at least 2)")
+            unknown = set(self.reference) - set(self.space)
+            if unknown:
+                raise ValueError(f"reference: keys {sorted(unknown)} are not in the search space")
+            if self.arms and not any(all(a.get(k) == v for k, v in self.reference.items()) for a in self.arms):
+                raise ValueError(f"reference: {self.reference} is none of the arms")
+        if self.seeds and len(self.space) == 1 and not self.arms:
+            raise ValueError("seeds: the space searches nothing but the seed; add the keys to compare")
         return self
 
     @property
@@ -194,6 +239,8 @@ def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
     for key, space in spec.space.items():  # conditions refer to keys listed before them
         if all(chosen.get(other) in values for other, values in space.condition.items()):
             chosen[key] = space.suggest(trial, key)
+    if spec.seeds and "seed" in chosen:  # a seed fixes the evaluation draw too, as bench_quality does
+        chosen.setdefault("eval.seed", 1234 + int(chosen["seed"]))
     return {**spec.overrides, **chosen}
 
 

@@ -56,6 +56,44 @@ def trials_table(study: optuna.Study, spec: StudySpec):
     return df
 
 
+def arm_label(params: dict[str, Any]) -> str:
+    """An arm's name in the paired table: its searched values but the seed, ``key=value, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("seed", "eval.seed")) or "(base)"
+
+
+def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
+    """With ``spec.seeds``: each arm's paired difference from the reference arm (``spec.reference``,
+    default the first arm) on every objective, over the seeds both completed, as markdown; the
+    interval either resolves the difference or says how many seeds would (``nestar_lab.paired``).
+    ``None`` for a study without seeds."""
+    if not spec.seeds or table.empty or "param:seed" not in table:
+        return None
+    from nestar_lab.paired import paired
+
+    done = table[table["state"] == "COMPLETE"]
+    keys = [c for c in done.columns if c.startswith("param:") and c != "param:seed"]
+    arms: dict[str, dict] = {}
+    for _, row in done.iterrows():
+        params = {k[len("param:"):]: row[k] for k in keys if row[k] == row[k]}  # NaN: a key not searched here
+        arms.setdefault(arm_label(params), {})[int(row["param:seed"])] = row
+    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
+    ref_label = arm_label(reference) if reference else next(iter(arms), None)
+    if ref_label not in arms:
+        return f"(no completed trials of the reference arm {ref_label}: nothing to compare with)"
+    heads = ["arm", "seeds done", *(f"Δ {o.metric} ({o.direction})" for o in spec.objectives)]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for label, by_seed in arms.items():
+        if label == ref_label:
+            continue
+        cells = []
+        for o in spec.objectives:
+            col = f"objective:{o.metric}"
+            diff = paired({s: r[col] for s, r in by_seed.items()}, {s: r[col] for s, r in arms[ref_label].items()})
+            cells.append(diff.cell(3, o.direction == "minimize"))
+        lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n" + "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class StudyReport:
     """What :func:`report` made: the best trial(s), the joined trials table (also written to
@@ -67,6 +105,7 @@ class StudyReport:
     table_path: Path  # trials.csv
     plots: list[Path]
     out_dir: Path
+    paired: str | None = None  # :func:`paired_table` (studies with seeds)
 
 
 def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> StudyReport:
@@ -83,4 +122,8 @@ def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | No
     table = trials_table(study, spec)
     table_path = out_dir / "trials.csv"
     table.to_csv(table_path, index=False)
-    return StudyReport(study=study, best=list(best), table=table, table_path=table_path, plots=plots, out_dir=out_dir)
+    paired_md = paired_table(table, spec)
+    if paired_md is not None:
+        (out_dir / "paired.md").write_text(paired_md + "\n")
+    return StudyReport(study=study, best=list(best), table=table, table_path=table_path, plots=plots, out_dir=out_dir,
+                       paired=paired_md)  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_quality  # noqa: E402
+from nestar_lab.paired import seeds_to_resolve  # noqa: E402
 import quality_stats  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def test_paired_differences_resolve_what_unpaired_intervals_cannot():
     assert not q.resolved and q.seeds_needed is not None and q.seeds_needed > 5
     assert f"not resolved at 5 seeds; about {q.seeds_needed} would be needed" in quality_stats.paired_cell(q, "fid_digits_cnn") \
         or "> 50 would be needed" in quality_stats.paired_cell(q, "fid_digits_cnn")
-    assert quality_stats.seeds_to_resolve(1.0, 0.0) is None and quality_stats.seeds_to_resolve(0.01, 10.0) == 51
+    assert seeds_to_resolve(1.0, 0.0) is None and seeds_to_resolve(0.01, 10.0) == 51
     table_md = quality_stats.paired_markdown(table, ["ref", "better"], "ref")
     assert "| better | 5 | -1.8 [" in table_md
     with pytest.raises(ValueError, match="reference variant 'NestAR k=4' has no runs"):

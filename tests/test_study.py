@@ -308,3 +308,40 @@ def test_a_continued_study_and_each_worker_draw_their_own_proposals(tmp_path, ti
     # a new study's first process: the seed as given, so the first proposal is reproducible
     other = write_study(tmp_path / "b", tiny_raw, space={"train.lr": {"float": [1e-4, 1e-2], "log": True}})
     assert trial_overrides(other, open_study(other).ask())["train.lr"] == first[0]
+
+
+def test_a_seeded_study_crosses_arms_with_seeds_and_reports_paired_differences(tmp_path, tiny_raw, capsys):
+    """``seeds``: every arm once per seed (with its own eval seed), then a paired table against the
+    reference arm: a difference per seed, its interval, and what resolving it would take."""
+    spec = write_study(tmp_path, tiny_raw, arms=[{"generator.params.k": 4}, {"generator.params.k": 8}],
+                       seeds=[0, 1, 2], reference={"generator.params.k": 4})  # fmt: skip
+    assert spec.trials == 6 and {a["seed"] for a in spec.arms} == {0, 1, 2}
+    study = run_study(spec)
+    assert states(study) == [optuna.trial.TrialState.COMPLETE] * 6
+    from nestar_lab import results
+
+    store = results.load(spec.study_dir)
+    assert sorted(zip(store["generator.k"], store["seed"], store["eval.seed"])) == [
+        (4, 0, 1234), (4, 1, 1235), (4, 2, 1236), (8, 0, 1234), (8, 1, 1235), (8, 2, 1236)]  # fmt: skip
+    assert main(["study", "report", str(spec.source)]) == 0
+    out = capsys.readouterr().out
+    assert "Paired differences from generator.params.k=4" in out
+    row = next(line for line in out.splitlines() if line.startswith("| generator.params.k=8 | 3 |"))
+    assert "resolved" in row and "[" in row
+    assert (spec.study_dir / "report" / "paired.md").is_file()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"seeds": [0]}, "1 distinct seed(s) give no interval"),
+    ({"seeds": [1, 1]}, "1 distinct seed(s) give no interval"),
+    ({"seeds": "0,1"}, "seeds: expected a list of integers"),
+    ({"reference": {"generator.params.k": 4}}, "reference: a paired comparison needs seeds"),
+    ({"seeds": [0, 1], "arms": [{"generator.params.k": 4}], "reference": {"generator.params.k": 2}},
+     "reference: {'generator.params.k': 2} is none of the arms"),
+])  # fmt: skip
+def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fields, message, tmp_path, tiny_raw):
+    from nestar_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, **fields)
+    assert len(info.value.lines) == 1 and message in info.value.lines[0], info.value.lines
