@@ -26,19 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import lr_search
 import numpy as np
 import pandas as pd
-import torch
-
-import lr_search
 import quality_stats
-from nestar_lab import results
-from nestar_lab.config import load_config, read_yaml
-from nestar_lab.evaluate import evaluate
-from nestar_lab.results import config_hash, flatten_config
-from nestar_lab.rundir import CHECKPOINT
-from nestar_lab.train import load_trained, train
+import torch
 from variants import CONFIG, MATCH_TO, count_params, matched, plans, write_section
+
+from nestar_lab.config.overrides import read_yaml
+from nestar_lab.config.validation import load_config
+from nestar_lab.run import results
+from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.results import config_hash, flatten_config
+from nestar_lab.run.rundir import CHECKPOINT
+from nestar_lab.run.train import load_trained, train
 
 SEC_PER_STEP, SEC_PER_EVAL, SEC_PER_SEARCH_EVAL = 0.6, 40.0, 15.0  # 2-core CPU, for the estimate only
 
@@ -118,9 +119,10 @@ def minutes(seconds: float) -> str:
 def timed_step(overrides: list[str], args) -> float:
     """Seconds of one training step of a variant on this machine (the third of three, the first
     ones being slow), for the estimate."""
-    from nestar_lab.data import train_batches
-    from nestar_lab.experiment import build_experiment
-    from nestar_lab.train import make_optimizer, train_step
+    from nestar_lab.run.data import train_batches
+    from nestar_lab.run.experiment import build_experiment
+    from nestar_lab.run.optim import make_optimizer
+    from nestar_lab.run.train import train_step
 
     exp = build_experiment(seeded_config(overrides, 1e-3, 0, args, "timing"))
     batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
@@ -128,7 +130,7 @@ def timed_step(overrides: list[str], args) -> float:
     for step in range(3):
         tokens, labels = next(batches)
         t0 = time.perf_counter()
-        float(train_step(exp, opt, ema, tokens, labels, step).total.detach())
+        float(train_step(exp, opt, ema, tokens, labels, step)[0].total.detach())
         took = time.perf_counter() - t0
     return took
 

@@ -40,17 +40,18 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 import paper_size
+import torch
 from flops import matmul_peaks, median_seconds, sampling_costs
-from nestar_lab.config import load_config
-from nestar_lab.data import train_batches
-from nestar_lab.evaluate import make_sampler
-from nestar_lab.experiment import build_experiment, pick_device, use_bf16
-from nestar_lab.train import make_optimizer, train_step
 from speed_table import caption, table
 from variants import CONFIG, MATCH_TO, MATCHES, baselines, count_params, plans, write_section
+
+from nestar_lab.config.validation import load_config
+from nestar_lab.run.data import train_batches
+from nestar_lab.run.evaluate import make_sampler
+from nestar_lab.run.experiment import build_experiment, pick_device, use_bf16
+from nestar_lab.run.optim import make_optimizer
+from nestar_lab.run.train import train_step
 
 
 def measure(overrides: list[str], args) -> dict:

@@ -22,16 +22,16 @@ import contextlib
 import platform
 from pathlib import Path
 
-import torch
-
 import paper_size
+import torch
 from flops import count_flops, has_fast_bf16, matmul_peaks, median_seconds
-from nestar_lab.config import load_config
-from nestar_lab.evaluate import make_sampler
-from nestar_lab.experiment import autocast_factory, build_experiment, pick_device, use_bf16
-from nestar_lab.sample import Sampler
 from nestar_plugins.ode_solvers.torchdiffeq_solvers import FixedGridSolver
 from variants import CONFIG, write_section
+
+from nestar_lab.config.validation import load_config
+from nestar_lab.method.sample import Sampler, SamplingPlan
+from nestar_lab.run.evaluate import make_sampler
+from nestar_lab.run.experiment import autocast_factory, build_experiment, pick_device, use_bf16
 
 CONVERSIONS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")
 
@@ -87,8 +87,8 @@ def paper_sampler(model: str, device, steps: int, precision: str):
     tokenizer = paper_size.get_registry().get("tokenizer", "pixels")(image_shape=paper_size.LATENT)
     stages = range(len(gen.schedule.stages))  # per module: its ``modules:`` solver and guidance
     solvers = [paper_size.make("ode_solver", cfg.module_part("ode_solver", i)) for i in stages]
-    sampler = Sampler(gen, tokenizer, order, solvers, [cfg.module_sample(i) for i in stages],
-                      autocast_factory(device, precision))  # fmt: skip
+    plan = SamplingPlan.build(solvers, [cfg.module_sample(i) for i in stages], device, autocast_factory(device, precision))
+    sampler = Sampler(gen, tokenizer, order, plan)
     return sampler, paper_size.NUM_CLASSES, use_bf16(device, precision)
 
 

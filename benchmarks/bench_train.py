@@ -1,6 +1,6 @@
 """Training step time and MFU at paper size: NestAR-B (or -L) against DiT and MAR matched on total
 parameters, one process, random weights and random latents (n = 256 tokens of dim 16, 1000
-classes), the library's own step (``nestar_lab.train.train_step``: label dropout, every module's
+classes), the library's own step (``nestar_lab.run.train.train_step``: label dropout, every module's
 flow loss and the coordination loss, backward, clipping, fused AdamW, EMA).
 
 FLOPs are counted, not estimated: ``FlopCounterMode`` over one whole step (forward and backward;
@@ -18,15 +18,16 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 import paper_size
+import torch
 from flops import count_flops, matmul_peaks, median_seconds
-from nestar_lab.experiment import Experiment, make, pick_device, use_bf16
-from nestar_lab.optim import make_optimizer
-from nestar_lab.train import train_step
 from speed_table import device_name
 from variants import write_section
+
+from nestar_lab.config.parts import make
+from nestar_lab.run.experiment import Experiment, pick_device, use_bf16
+from nestar_lab.run.optim import make_optimizer
+from nestar_lab.run.train import train_step
 
 
 def measure(model: str, overrides: list[str], args) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from nestar_lab.experiment import cpu_has_fast_bf16
+from nestar_lab.run.experiment import cpu_has_fast_bf16
 
 
 def _cpu_sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> int:

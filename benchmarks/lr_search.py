@@ -1,6 +1,6 @@
 """The same learning-rate search for every quality variant, run through the study machinery.
 
-Each variant gets one Optuna study (``nestar_lab.tuning.run_study``): its base config is the
+Each variant gets one Optuna study (``nestar_lab.sweep.tuning.run_study``): its base config is the
 variant's resolved config (the quickstart plus the variant's overrides, written to the study
 directory), the searched key is ``train.lr`` (log-uniform over ``LR_RANGE``), and the trials
 are the same log-spaced grid of arms for every variant, trained for the same few steps with a
@@ -27,10 +27,10 @@ from typing import Any
 import optuna
 import yaml
 
-from nestar_lab.config import dump_config, load_config
-from nestar_lab.study import NamedSpec, Objective, ParamSpace, StudySpec
-from nestar_lab.tuning import Objective as TrialObjective
-from nestar_lab.tuning import run_study
+from nestar_lab.config.validation import dump_config, load_config
+from nestar_lab.sweep.study import NamedSpec, Objective, ParamSpace, StudySpec
+from nestar_lab.sweep.tuning import Objective as TrialObjective
+from nestar_lab.sweep.tuning import run_study
 
 LR_RANGE = (3.0e-4, 5.0e-3)  # the first grid; a search extends past an edge where its best lr sits
 BRACKET_FACTOR, BRACKET_CAP = 4.0, 3  # each extension x4 (or /4); at most 3 on a side

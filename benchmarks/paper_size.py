@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from flops import sampling_costs
-from nestar_lab import capture
-from nestar_lab.config import ExperimentConfig, apply_overrides, read_yaml
-from nestar_lab.experiment import autocast_factory, make, module_factory, pick_device, use_bf16
-from nestar_lab.interfaces import ScaleModuleSpec
-from nestar_lab.registry import get_registry
-from nestar_lab.sample import Sampler
 from variants import closest_width
+
+from nestar_lab.config.overrides import apply_overrides, read_yaml
+from nestar_lab.config.parts import make
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.schema import ExperimentConfig
+from nestar_lab.interfaces import ScaleModuleSpec
+from nestar_lab.method import capture
+from nestar_lab.method.sample import Sampler, SamplingPlan
+from nestar_lab.run.experiment import autocast_factory, module_factory, pick_device, use_bf16
 
 CONFIGS = {"NestAR-B": "nestar_b.yaml", "NestAR-L": "nestar_l.yaml"}  # in studies/configs/imagenet256
 LATENT = (16, 16, 16)  # KL-16 at 256 px: 16 channels on a 16x16 grid -> n = 256 tokens of dim 16
@@ -114,7 +116,8 @@ def measure(model: str, overrides: list[str], args, log, flops_per_image: float 
     solvers = [make("ode_solver", cfg.module_part("ode_solver", i)) for i in stages]
     def make_sampler(capture: str) -> Sampler:
         sample_cfgs = [cfg.module_sample(i).model_copy(update={"capture": capture}) for i in stages]
-        return Sampler(gen, tokenizer, order, solvers, sample_cfgs, autocast_factory(device, cfg.train.precision))
+        plan = SamplingPlan.build(solvers, sample_cfgs, device, autocast_factory(device, cfg.train.precision))
+        return Sampler(gen, tokenizer, order, plan)
 
     sampler, eager = make_sampler(args.capture_mode), make_sampler("off")
     labels = torch.arange(args.images) % NUM_CLASSES

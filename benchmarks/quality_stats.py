@@ -21,8 +21,8 @@ import math
 import pandas as pd
 from scipy import stats
 
-from nestar_lab.paired import Paired
-from nestar_lab.paired import paired as paired_over_seeds
+from nestar_lab.sweep.paired import Paired
+from nestar_lab.sweep.paired import paired as paired_over_seeds
 
 METRICS = {  # results column -> (table heading, digits shown, lower is better, bounds of the interval)
     "fid_digits_cnn": ("FID (digits CNN)", 1, True, (0.0, math.inf)),
@@ -115,7 +115,7 @@ def comparisons(summary: pd.DataFrame, reference: str) -> list[str]:
 # ------------------------------------------------------------------ paired differences
 def paired(runs: pd.DataFrame, variant: str, reference: str, col: str) -> Paired:
     """Paired difference of ``col`` between ``variant`` and ``reference`` over their common seeds
-    (``nestar_lab.paired``: every variant is trained with the same seeds, data order and
+    (``nestar_lab.sweep.paired``: every variant is trained with the same seeds, data order and
     evaluation draw per seed)."""
 
     def by_seed(label: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 
 import torch
-
 from flops import peak_line
 
 

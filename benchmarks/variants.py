@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nestar_lab.config import load_config
+from nestar_lab.config.validation import load_config
 
 CONFIG = "studies/configs/quickstart.yaml"
 SIZES = {  # token count -> overrides on the quickstart config giving that many tokens
@@ -52,7 +52,7 @@ def baselines(tokens: int = 64) -> tuple[str, ...]:
 
 
 def count_params(overrides: list[str]) -> int:
-    from nestar_lab.experiment import build_experiment
+    from nestar_lab.run.experiment import build_experiment
 
     cfg = load_config(CONFIG, overrides + ["device=cpu"])
     return sum(p.numel() for p in build_experiment(cfg).generator.parameters())

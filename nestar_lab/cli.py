@@ -15,7 +15,7 @@
     nestar plugins                     every registered plugin: kind, name, provider
 
 Every failure ends with one line on stderr (one per problem for a config) and an exit code:
-2 bad input, 1 failed run, 130 SIGINT, 143 SIGTERM (``nestar_lab.errors``); ``--debug`` (before
+2 bad input, 1 failed run, 130 SIGINT, 143 SIGTERM (``nestar_lab.config.errors``); ``--debug`` (before
 or after the command) or ``NESTAR_DEBUG=1`` also prints the traceback.
 """
 
@@ -28,8 +28,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from nestar_lab.config import apply_overrides, validate_config
-from nestar_lab.errors import describe, exit_code_for_signal
+from nestar_lab.config.errors import describe, exit_code_for_signal
+from nestar_lab.config.overrides import apply_overrides
+from nestar_lab.config.validation import validate_config
 
 #: the batch-size setting of the work in progress, named when memory runs out
 _context: dict[str, str | None] = {"batch": None}
@@ -137,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return code
     finally:  # under torchrun: leave the process group cleanly (gloo aborts a process exiting inside one)
-        from nestar_lab.distributed import shutdown
+        from nestar_lab.run.distributed import shutdown
 
         shutdown()
 
 
 def _warn_plugin_problems() -> None:
     """One warning line per plugin package that failed to load (once a config did not need it)."""
-    from nestar_lab.registry import get_registry
+    from nestar_lab.config.registry import get_registry
 
     get_registry().warn_problems(sys.stderr)
 
@@ -156,7 +157,7 @@ def _interrupted(exc: BaseException) -> int:
 
 
 def _cfg_from(path: str, overrides: list[str]):
-    from nestar_lab.config import read_yaml
+    from nestar_lab.config.overrides import read_yaml
 
     cfg = validate_config(apply_overrides(read_yaml(path), overrides))
     _warn_plugin_problems()
@@ -164,7 +165,7 @@ def _cfg_from(path: str, overrides: list[str]):
 
 
 def _run_cfg(run_dir: str, overrides: list[str]):
-    from nestar_lab.rundir import CONFIG, load_run_config
+    from nestar_lab.run.rundir import CONFIG, load_run_config
 
     if not overrides:
         cfg = load_run_config(run_dir)
@@ -175,7 +176,8 @@ def _run_cfg(run_dir: str, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
-    from nestar_lab.train import TrainingFailed, TrainingInterrupted, train
+    from nestar_lab.run.runbook import TrainingFailed
+    from nestar_lab.run.train import TrainingInterrupted, train
 
     if bool(args.config) == bool(args.resume):
         print("error: give either CONFIG or --resume RUN_DIR", file=sys.stderr)
@@ -197,7 +199,7 @@ def cmd_train(args) -> int:
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from nestar_lab.distributed import current
+    from nestar_lab.run.distributed import current
 
     if result.already_finished:
         if current().is_main:
@@ -212,7 +214,7 @@ def _relaunch_with_torchrun(args) -> int:
     """``nestar train --distributed N``: the same command under torchrun with N processes."""
     import subprocess
 
-    from nestar_lab.distributed import launched_by_torchrun
+    from nestar_lab.run.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
         print("error: --distributed N is for launching; under torchrun give the plain command", file=sys.stderr)
@@ -237,8 +239,8 @@ def _without_distributed(argv: list[str]) -> list[str]:
 
 
 def cmd_cache_latents(args) -> int:
-    from nestar_lab.experiment import build_experiment
-    from nestar_lab.latent_cache import build_cache
+    from nestar_lab.run.experiment import build_experiment
+    from nestar_lab.run.latent_cache import build_cache
 
     cfg = _cfg_from(args.config, args.overrides)
     root = build_cache(build_experiment(cfg), progress=sys.stderr.isatty())
@@ -247,8 +249,8 @@ def cmd_cache_latents(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from nestar_lab.evaluate import evaluate
-    from nestar_lab.train import TrainingFailed, TrainingInterrupted, load_trained, train
+    from nestar_lab.run.runbook import TrainingFailed
+    from nestar_lab.run.train import TrainingInterrupted, load_trained, train
 
     cfg = _cfg_from(args.config, args.overrides)
     _context["batch"] = f"train.batch_size={cfg.train.batch_size}"
@@ -265,7 +267,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from nestar_lab.train import load_trained
+    from nestar_lab.run.train import load_trained
 
     cfg = _run_cfg(args.run_dir, args.overrides)
     _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
@@ -273,9 +275,8 @@ def cmd_eval(args) -> int:
 
 
 def _evaluate_and_print(exp, run_dir) -> int:
-    from nestar_lab.evaluate import evaluate
-
-    from nestar_lab.distributed import current
+    from nestar_lab.run.distributed import current
+    from nestar_lab.run.evaluate import evaluate
 
     row = evaluate(exp, run_dir)
     if not current().is_main:
@@ -288,8 +289,8 @@ def _evaluate_and_print(exp, run_dir) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from nestar_lab.evaluate import make_sampler, save_grid
-    from nestar_lab.train import load_trained
+    from nestar_lab.run.evaluate import make_sampler, save_grid
+    from nestar_lab.run.train import load_trained
 
     cfg = _run_cfg(args.run_dir, args.overrides)
     _context["batch"] = f"sample.batch_size={cfg.sample.batch_size}"
@@ -316,7 +317,7 @@ def _split(text: str) -> list[str]:
 
 
 def cmd_table(args) -> int:
-    from nestar_lab import results
+    from nestar_lab.run import results
 
     df = results.load(args.results_dir)
     if df.empty:
@@ -328,8 +329,8 @@ def cmd_table(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from nestar_lab import results
-    from nestar_lab.plots import plot_tradeoff
+    from nestar_lab.run import results
+    from nestar_lab.sweep.plots import plot_tradeoff
 
     df = results.select(results.load(args.results_dir), args.where)
     x, y = results.resolve_column(df, args.x), results.resolve_column(df, args.y)
@@ -338,9 +339,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from nestar_lab.results import to_markdown
-    from nestar_lab.study import load_study
-    from nestar_lab.tuning import report, run_study
+    from nestar_lab.run.results import to_markdown
+    from nestar_lab.sweep.study import load_study
+    from nestar_lab.sweep.study_report import report
+    from nestar_lab.sweep.tuning import run_study
 
     spec = load_study(args.study)
     if args.study_command == "run":
@@ -361,7 +363,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    from nestar_lab.experiment import build_experiment
+    from nestar_lab.run.experiment import build_experiment
 
     cfg = _cfg_from(args.config, args.overrides)
     exp = build_experiment(cfg.model_copy(update={"device": "cpu"}))
@@ -385,8 +387,9 @@ def cmd_describe(args) -> int:
 
 def cmd_ref_stats(args) -> int:
     """The config's ``fidelity`` metric (looked up through the registry) writes the file."""
-    from nestar_lab.evaluate import cache_root
-    from nestar_lab.experiment import make, pick_device
+    from nestar_lab.config.parts import make
+    from nestar_lab.run.evaluate import cache_root
+    from nestar_lab.run.experiment import pick_device
 
     cfg = _cfg_from(args.config, args.overrides)
     specs = [m for m in cfg.metrics if m.name == "fidelity"]
@@ -401,7 +404,7 @@ def cmd_ref_stats(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from nestar_lab.registry import get_registry
+    from nestar_lab.config.registry import get_registry
 
     registry = get_registry()
     registry.warn_problems(sys.stderr)

@@ -55,7 +55,7 @@ def nestar_register_scale_modules() -> dict[str, type[interfaces.ScaleModule]]:
 @hookspec
 def nestar_register_generators() -> dict[str, type[interfaces.Plugin]]:
     """Generators: the schedule of which tokens are generated when, by which module. Each class
-    subclasses ``nestar_lab.generator.Generator`` (typed as its ``Plugin`` base here: the hook
+    subclasses ``nestar_lab.method.generator.Generator`` (typed as its ``Plugin`` base here: the hook
     module stays below the generator in the import graph)."""
 
 

@@ -177,10 +177,13 @@ class PassOptions:
     asks (``train.pretrain_steps``); a generator that cannot train a subset raises
     ``ValueError`` (see :meth:`check_one_stage`). ``measure_disagreement``: also log
     ``disagree_m`` between adjacent modules (never part of the loss; a no-op without them).
+    ``step``: the training step (0-based), handed to the coordination objective; ``None``
+    outside training (a validation pass).
     """
 
     stages: frozenset[int] | None = None
     measure_disagreement: bool = False
+    step: int | None = None
 
     def __post_init__(self):
         if self.stages is not None:
@@ -329,7 +332,11 @@ class CoordinationPair:
     """Two adjacent modules' predictions on the tokens the coarser one generates.
 
     ``v_fine`` carries gradients into the finer module; ``v_coarse`` is detached. All tensors
-    are ``(B', L, d)`` except ``t`` which is ``(B', L)``.
+    are ``(B', L, d)`` except ``t`` which is ``(B', L)`` and ``labels`` which is ``(B',)`` (the
+    class of each row's image, the null class where label dropout hit). ``x1`` holds the data
+    tokens the pair predicts, so an objective may compare data estimates
+    (``method.flow.data_estimate``) with the data itself; ``step`` is the training step (``None``
+    outside training), so an objective may change over training without core edits.
     """
 
     fine_stage: int
@@ -337,6 +344,9 @@ class CoordinationPair:
     v_coarse: Tensor
     y_t: Tensor
     t: Tensor
+    x1: Tensor | None = None
+    labels: Tensor | None = None
+    step: int | None = None
 
 
 class CoordinationObjective(Plugin, ABC):

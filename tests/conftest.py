@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from nestar_lab.config import validate_config
+from nestar_lab.config.validation import validate_config
 
 TINY = {
     "name": "tiny",

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from nestar_lab import distributed
-from nestar_lab.config import load_config
-from nestar_lab.train import train
+from nestar_lab.config.validation import load_config
+from nestar_lab.run import distributed
+from nestar_lab.run.train import train
 
 config, run_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 cfg = load_config(config)

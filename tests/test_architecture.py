@@ -1,9 +1,11 @@
-"""The core's import structure (issue 11, "a core without cycles").
+"""The core's import structure: no cycles, and arrows between the layers pointing down only.
 
-Every ``import``/``from ... import`` node anywhere in a ``nestar_lab/*.py`` file counts: at module
-level, inside functions (lazy imports), and inside ``if TYPE_CHECKING:`` blocks too. A
-typing-only import never runs, but it still says that one module's meaning depends on the
-other's, so it counts like any other; none of the core needs one today.
+Layers (DESIGN.md 5): ``method/`` (the NestAR mechanics) imports only ``interfaces``; ``config/``
+never imports ``run/`` or ``sweep/``; ``run/`` never imports ``sweep/``; plugins import only
+``interfaces``, ``hookspecs`` and ``method/``. Every ``import``/``from ... import`` node anywhere in
+a core file counts: at module level, inside functions (lazy imports), and inside
+``if TYPE_CHECKING:`` blocks too. A typing-only import never runs, but it still says that one
+module's meaning depends on the other's, so it counts like any other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,25 @@ from pathlib import Path
 import nestar_lab
 
 CORE = Path(nestar_lab.__file__).parent
+PLUGINS = CORE.parent / "plugins"
+LAYERS = ("method", "config", "run", "sweep")
+FORBIDDEN = {  # layer -> the core packages it must not import
+    "method": ("nestar_lab.config", "nestar_lab.run", "nestar_lab.sweep", "nestar_lab.cli", "nestar_lab.hookspecs"),
+    "config": ("nestar_lab.run", "nestar_lab.sweep", "nestar_lab.cli"),
+    "run": ("nestar_lab.sweep", "nestar_lab.cli"),
+    "sweep": ("nestar_lab.cli",),
+    "plugins": ("nestar_lab.config", "nestar_lab.run", "nestar_lab.sweep", "nestar_lab.cli"),
+}
+
+
+def module_name(path: Path) -> str:
+    """``nestar_lab/run/train.py`` -> ``nestar_lab.run.train`` (a package's ``__init__`` -> the package)."""
+    parts = path.relative_to(CORE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def core_files() -> list[Path]:
+    return sorted(CORE.rglob("*.py"))
 
 
 def _imports(path: Path) -> set[str]:
@@ -24,16 +45,17 @@ def _imports(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:  # relative: nestar_lab is a flat package
-                base = "nestar_lab" + (f".{base}" if base else "")
+            if node.level:  # relative: resolved against the file's own package
+                package = module_name(path).split(".")[: -node.level] if path.is_relative_to(CORE) else ["nestar_lab"]
+                base = ".".join(package + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # ``from nestar_lab import x``
     return names
 
 
 def core_graph() -> dict[str, set[str]]:
-    """``nestar_lab.<module>`` -> the core modules it imports."""
-    modules = {f"nestar_lab.{p.stem}": p for p in CORE.glob("*.py") if p.stem != "__init__"}
+    """``nestar_lab.<package>.<module>`` -> the core modules it imports (packages' ``__init__`` included)."""
+    modules = {module_name(p): p for p in core_files()}
     return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
 
 
@@ -70,11 +92,11 @@ def test_lazy_and_typing_imports_are_seen(tmp_path):
     src = tmp_path / "m.py"
     src.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from nestar_lab.experiment import Experiment\n"
-        "def f():\n    from nestar_lab import losses\n    import nestar_lab.sample\n"
+        "if TYPE_CHECKING:\n    from nestar_lab.run.experiment import Experiment\n"
+        "def f():\n    from nestar_lab.method import losses\n    import nestar_lab.method.sample\n"
     )
     seen = _imports(src)
-    assert {"nestar_lab.experiment", "nestar_lab.losses", "nestar_lab.sample"} <= seen
+    assert {"nestar_lab.run.experiment", "nestar_lab.method.losses", "nestar_lab.method.sample"} <= seen
 
 
 def test_core_imports_have_no_cycle():
@@ -88,6 +110,65 @@ def test_core_never_imports_plugins():
     """The core finds plugins through the entry-point registry only, never by importing them."""
     offenders = {
         path.name: sorted(m for m in _imports(path) if m.split(".")[0] in ("nestar_plugins", "plugins", "nestar_examples"))
-        for path in CORE.glob("*.py")
+        for path in core_files()
     }
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def _layer_of(path: Path) -> str | None:
+    rel = path.relative_to(CORE).parts
+    return rel[0] if len(rel) > 1 and rel[0] in LAYERS else None
+
+
+def test_the_core_is_in_layers():
+    """Only the plugin contract, the hooks and the command line stay at the top of the package."""
+    top = sorted(p.name for p in CORE.glob("*.py"))
+    assert top == ["__init__.py", "cli.py", "hookspecs.py", "interfaces.py"], top
+    for layer in LAYERS:
+        assert len(list((CORE / layer).glob("*.py"))) > 1, f"{layer}/ holds no modules"
+
+
+def test_every_arrow_between_layers_points_down():
+    """method -> interfaces only; config never -> run, sweep; run never -> sweep; lazy imports too."""
+    wrong = {}
+    for path in core_files():
+        layer = _layer_of(path)
+        if layer is None:
+            continue
+        bad = sorted(m for m in _imports(path) if m.startswith(FORBIDDEN[layer]))
+        if bad:
+            wrong[str(path.relative_to(CORE))] = bad
+    assert not wrong, wrong
+
+
+def test_method_imports_only_the_interfaces_and_itself():
+    allowed = ("nestar_lab.interfaces", "nestar_lab.method")
+    wrong = {
+        path.name: sorted(m for m in _imports(path) if m.startswith("nestar_lab") and not m.startswith(allowed))
+        for path in (CORE / "method").glob("*.py")
+    }
+    assert not {k: v for k, v in wrong.items() if v}, wrong
+
+
+def test_plugins_import_only_interfaces_hookspecs_and_method():
+    allowed = ("nestar_lab.interfaces", "nestar_lab.hookspecs", "nestar_lab.method")
+    wrong = {}
+    for path in sorted(PLUGINS.rglob("*.py")):
+        bad = sorted(m for m in _imports(path) if m.startswith("nestar_lab") and m != "nestar_lab"
+                     and not m.startswith(allowed))  # fmt: skip
+        if bad:
+            wrong[str(path.relative_to(PLUGINS))] = bad
+    assert not wrong, wrong
+
+
+def test_a_forbidden_arrow_would_be_seen(tmp_path):
+    """The layer check reads lazy imports inside functions (the kind a shortcut adds)."""
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from nestar_lab.sweep.tuning import run_study\n")
+    assert any(m.startswith(FORBIDDEN["run"]) for m in _imports(src))
+
+
+def test_no_module_re_exports_what_it_does_not_use():
+    """One home per name: a core module imports a core name only to use it (no ``noqa: F401``)."""
+    offenders = [str(p.relative_to(CORE)) for p in core_files() if "noqa: F401" in p.read_text()]
+    assert not offenders, offenders

@@ -8,10 +8,10 @@ import inspect
 import pytest
 import torch
 
-from nestar_lab.config import validate_config
-from nestar_lab.experiment import build_experiment
-from nestar_lab.flow import FlowConfig
-from nestar_lab.sample import Sampler
+from nestar_lab.config.validation import validate_config
+from nestar_lab.method.flow import FlowConfig
+from nestar_lab.method.sample import Sampler
+from nestar_lab.run.experiment import build_experiment
 
 GENERATORS = {  # name -> (generator params, scale-module params)
     "nestar": ({"k": 4}, {}),
@@ -88,7 +88,7 @@ def test_every_sampler_solves_its_patches_through_the_shared_helper(tiny_raw, ke
         return integrate(velocity, y0)
 
     exp.solver.integrate = spy
-    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([1, 2]))
+    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())(torch.tensor([1, 2]))
     assert calls and set(calls) == {"solve_patch"}
     stats = samples.stats
     assert len(calls) == stats.sequential_steps and stats.nfe_per_image == 2 * len(calls)  # euler, 2 steps
@@ -109,8 +109,8 @@ def test_dit_denoises_with_its_transformer_at_every_solver_step(tiny_raw):
     net.blocks[0].register_forward_hook(lambda *a: passes.append(1))
     for steps, want in ((3, 3), (6, 6)):
         passes.clear()
-        exp.solver = type(exp.solver)(type(exp.solver).Params(steps=steps))
-        stats = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([1])).stats
+        exp.solvers = [type(exp.solver)(type(exp.solver).Params(steps=steps))]
+        stats = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())(torch.tensor([1])).stats
         assert len(passes) == want and stats.nfe_per_image == want  # CFG halves run in one batched pass
     assert not hasattr(net, "start_cache"), "nothing is cached in diffusion"
 
@@ -138,7 +138,7 @@ def test_mar_masks_a_random_order_per_image_with_no_mask_object(tiny_raw, monkey
     assert len({tuple(k.tolist()) for k in known}) == 4, "each image has its own order"
     assert len(set(known.sum(1).tolist())) == 1, "one mask ratio per batch, as in MAR"
     seen.clear()
-    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([3, 3]))
+    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())(torch.tensor([3, 3]))
     first_reveal = seen[1].src_idx >= 0  # after step 1: which tokens each image knows
     assert not torch.equal(first_reveal[0], first_reveal[1]), "sampling orders differ per image too"
     assert all(r.mask is None for r in seen) and samples.stats.context_passes == 8

@@ -13,8 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_quality  # noqa: E402
-from nestar_lab.paired import seeds_to_resolve  # noqa: E402
 import quality_stats  # noqa: E402
+
+from nestar_lab.sweep.paired import seeds_to_resolve  # noqa: E402
 
 
 def test_interval_is_the_t_interval_of_the_mean_clipped_to_bounds():

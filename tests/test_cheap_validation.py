@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import yaml
-
-from nestar_lab import generator as generator_module
-from nestar_lab.config import load_config
-from nestar_lab.experiment import build_experiment
-from nestar_lab.interfaces import Tokenizer
-from nestar_lab.registry import get_registry
 from conftest import TINY
+
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.validation import load_config
+from nestar_lab.interfaces import Tokenizer
+from nestar_lab.method import generator as generator_module
+from nestar_lab.run.experiment import build_experiment
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_load_config_builds_no_tokenizer_and_build_experiment_builds_each_part_o
 
 
 def test_a_bad_patch_size_is_reported_without_building_the_tokenizer(tmp_path, counts):
-    from nestar_lab.config import ConfigError
+    from nestar_lab.config.errors import ConfigError
 
     raw = copy.deepcopy(TINY)
     raw["tokenizer"]["params"]["patch_size"] = 3
@@ -108,8 +108,8 @@ def test_plugins_receive_the_params_objects_validation_made(tmp_path, monkeypatc
 def test_specs_compare_by_name_and_params_only():
     """The validated object is not part of a spec's identity: a validated spec equals the same spec
     read from a dumped config, and dumps only ``name`` and ``params``."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.schema import ComponentSpec
+    from nestar_lab.config.schema import ComponentSpec
+    from nestar_lab.config.validation import validate_config
 
     cfg = validate_config(copy.deepcopy(TINY))
     again = ComponentSpec(name=cfg.ode_solver.name, params=dict(cfg.ode_solver.params))
@@ -121,8 +121,8 @@ def test_specs_compare_by_name_and_params_only():
 def test_a_spec_copied_or_changed_after_validation_gets_its_own_params():
     """The object validation made is used only while ``params`` still says the same: a copy with
     other params (``model_copy(update=...)``) or a module entry changed afterwards is validated anew."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.parts import make
+    from nestar_lab.config.parts import make
+    from nestar_lab.config.validation import validate_config
 
     raw = copy.deepcopy(TINY)
     raw["modules"] = {3: {"ode_solver": {"params": {"steps": 5}}}}

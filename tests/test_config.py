@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
-import yaml
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from nestar_lab.cli import main
-from nestar_lab.config import ConfigError, TrainConfig, apply_overrides, load_config, read_yaml, validate_config
-from nestar_lab.registry import get_registry
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import apply_overrides, read_yaml
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.schema import TrainConfig
+from nestar_lab.config.validation import load_config, validate_config
 
 
 def errors_of(raw) -> list[str]:
@@ -134,7 +137,7 @@ def test_overrides_index_lists():
 
 
 def test_default_params_of_every_plugin_pass_the_strict_check():
-    from nestar_lab.config import strict_validate
+    from nestar_lab.config.validation import strict_validate
 
     checked = 0
     for info in get_registry().all():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from nestar_lab.registry import get_registry
+from nestar_lab.config.registry import get_registry
 
 reg = get_registry()
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from nestar_lab.generator import gather_inputs
-from nestar_lab.interfaces import CoordinationPair, Rows, ScaleModuleSpec
-from nestar_lab.registry import get_registry
-from nestar_lab.schedule import nested_schedule
 from nestar_plugins.token_orders.orders import CoarseToFine
+
+from nestar_lab.config.registry import get_registry
+from nestar_lab.interfaces import CoordinationPair, Rows, ScaleModuleSpec
+from nestar_lab.method.schedule import gather_inputs, nested_schedule
 
 reg = get_registry()
 SMALL = {"transformer": {"width": 32, "depth": 2, "heads": 2, "prefix_tokens": 2, "head_width": 32, "head_depth": 1}}
@@ -131,3 +130,33 @@ def test_velocity_matching_is_weighted_mse():
     obj = cls(cls.Params(weight=0.5))
     a, b = torch.zeros(2, 3, 1), torch.ones(2, 3, 1)
     assert float(obj([pair(a, b), pair(a, 2 * b)])) == pytest.approx(0.5 * (1 + 4))
+
+
+def test_an_objective_reads_the_step_and_the_data_through_its_input(tiny_raw):
+    """A coordination loss that needs the step (a weight ramp) is one plugin file: the training
+    pass hands every pair its step, data tokens and labels."""
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.interfaces import PassOptions
+    from nestar_lab.run.experiment import build_experiment
+
+    tiny_raw["coordination"] = {"name": "velocity_matching_ramp", "params": {"weight": 1.0, "ramp_steps": 10}}
+    exp = build_experiment(validate_config(tiny_raw))
+    split = exp.dataset.split("train")
+    tokens, labels = exp.order.flatten(exp.tokenizer.encode(split.images[:8])), split.labels[:8]
+    seen, real = [], type(exp.coordination).__call__
+
+    def spy(self, pairs):
+        seen.extend(pairs)
+        return real(self, pairs)
+
+    coor = {}
+    for step in (0, 4, 50, None):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(type(exp.coordination), "__call__", spy)
+            rng = torch.Generator().manual_seed(0)
+            out = exp.generator.training_losses(tokens, labels, exp.cfg.flow, exp.coordination, rng, PassOptions(step=step))
+        coor[step] = float(out.parts["coor"].detach())
+    assert coor[0] * 10 == pytest.approx(coor[50]) and coor[4] * 2 == pytest.approx(coor[50]) == pytest.approx(coor[None])
+    p = seen[0]
+    assert p.step == 0 and p.x1.shape == p.y_t.shape and p.labels.shape == p.t.shape[:1]
+    assert torch.equal(p.labels[:8], labels)  # rows are (draw, image), draw-major

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from nestar_lab.config import ConfigError, validate_config
-from nestar_lab.data import batch_indices, resolve_source, train_batches
-from nestar_lab.experiment import build_experiment
-from nestar_lab.latent_cache import LatentCache, build_cache
-from nestar_lab.rundir import load_checkpoint
-from nestar_lab.train import train
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.validation import validate_config
+from nestar_lab.run.data import batch_indices, resolve_source, train_batches
+from nestar_lab.run.experiment import build_experiment
+from nestar_lab.run.latent_cache import LatentCache, build_cache
+from nestar_lab.run.rundir import load_checkpoint
+from nestar_lab.run.train import train
 
 
 def _cfg(tiny_raw, **data):

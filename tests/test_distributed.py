@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from nestar_lab.data import batch_indices
+from nestar_lab.run.data import batch_indices
 
 pytestmark = pytest.mark.slow
 

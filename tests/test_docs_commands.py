@@ -31,18 +31,11 @@ import pytest
 import yaml
 
 from nestar_lab.cli import _parser
-from nestar_lab.config import (
-    COMPONENT_KINDS,
-    ConfigError,
-    ExperimentConfig,
-    apply_overrides,
-    load_config,
-    load_yaml,
-    read_yaml,
-    strict_validate,
-    validate_config,
-)
-from nestar_lab.registry import PluginError, get_registry
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import apply_overrides, load_yaml, read_yaml
+from nestar_lab.config.registry import PluginError, get_registry
+from nestar_lab.config.schema import COMPONENT_KINDS, ExperimentConfig
+from nestar_lab.config.validation import load_config, strict_validate, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -277,7 +270,7 @@ def _plugin_packages(paths: tuple[str, ...]):
     if not paths:
         yield
         return
-    from nestar_lab import registry
+    from nestar_lab.config import registry
 
     sources = [ROOT / p / "src" if (ROOT / p / "src").is_dir() else ROOT / p for p in paths]
     sys.path[:0] = [str(s) for s in sources]
@@ -346,7 +339,7 @@ def _validate_args(args: argparse.Namespace, overrides: list[str]) -> bool:
         _validate(load_yaml(_run_config(base)), overrides, structure_only=_needs_user_files(base))
         return True
     if args.command == "study" and not _placeholder(args.study):
-        from nestar_lab.study import load_study
+        from nestar_lab.sweep.study import load_study
 
         with contextlib.chdir(ROOT):
             spec = load_study(args.study)

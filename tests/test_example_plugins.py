@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from nestar_lab import errors
 from nestar_lab.cli import main
-from nestar_lab.registry import get_registry
+from nestar_lab.config import errors
+from nestar_lab.config.registry import get_registry
 
 HINT = "(rerun with --debug for the traceback)"
 
@@ -206,13 +206,13 @@ def test_misspelt_hook_in_a_package_is_a_warning(installed, capsys):
 @pytest.fixture
 def train_raises(monkeypatch):
     """Make ``nestar train`` raise ``exc`` where training would start (the config is validated first)."""
-    import nestar_lab.train
+    import nestar_lab.run.train
 
     def install(exc):
         def fake_train(cfg, run_dir=None, **kwargs):
             raise exc
 
-        monkeypatch.setattr(nestar_lab.train, "train", fake_train)
+        monkeypatch.setattr(nestar_lab.run.train, "train", fake_train)
 
     return install
 
@@ -292,14 +292,14 @@ def test_keyboard_interrupt_outside_training_is_130(train_raises, cfg_file, caps
 
 
 def test_interrupt_exit_code_follows_the_signal(monkeypatch, cfg_file, tmp_path, capsys):
-    import nestar_lab.train
-    from nestar_lab.train import TrainingInterrupted
+    import nestar_lab.run.train
+    from nestar_lab.run.train import TrainingInterrupted
 
     for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (None, 130)):
         def fake_train(cfg, run_dir=None, signum=signum, **kwargs):
             raise TrainingInterrupted(tmp_path / "run", 3, signum)
 
-        monkeypatch.setattr(nestar_lab.train, "train", fake_train)
+        monkeypatch.setattr(nestar_lab.run.train, "train", fake_train)
         got, lines, _ = run_cli(["train", cfg_file()], capsys)
         assert got == code and lines == [f"interrupted at step 3; resume with: nestar train --resume {tmp_path / 'run'}"]
 
@@ -344,7 +344,7 @@ def test_study_run_warns_about_a_broken_plugin_package_before_its_trials(install
                                                                           monkeypatch):  # fmt: skip
     import optuna
 
-    from nestar_lab import tuning
+    from nestar_lab.sweep import tuning
 
     installed("broken-nestar-pkg", "0.1", "broken_ep", "broken_nestar_pkg", BROKEN)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_raw))

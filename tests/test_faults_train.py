@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from nestar_lab import rundir
-from nestar_lab.cli import main
-from nestar_lab.config import ConfigError, TrainConfig, validate_config
-from nestar_lab.losses import LossOutput
-from nestar_lab.rundir import CHECKPOINT, load_checkpoint
-from nestar_lab.train import TrainingFailed, train
-
 from conftest import TINY
+
+from nestar_lab.cli import main
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.schema import TrainConfig
+from nestar_lab.config.validation import validate_config
+from nestar_lab.method.losses import LossOutput
+from nestar_lab.run import rundir
+from nestar_lab.run.runbook import TrainingFailed
+from nestar_lab.run.rundir import CHECKPOINT, load_checkpoint
+from nestar_lab.run.train import train
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -66,7 +68,7 @@ def _config_file(raw: dict, path: Path) -> Path:
 
 def _nan_at(monkeypatch, calls: set[int]):
     """Make the generator's loss NaN on the given training calls (0-based, counted per build)."""
-    import nestar_lab.train as train_mod
+    import nestar_lab.run.train as train_mod
 
     real_build = train_mod.build_experiment
 
@@ -117,7 +119,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch
 
     saved = []
     real_save = rundir.save_checkpoint
-    monkeypatch.setattr("nestar_lab.train.save_checkpoint", lambda d, s: (saved.append(s["step"]), real_save(d, s)))
+    monkeypatch.setattr("nestar_lab.run.train.save_checkpoint", lambda d, s: (saved.append(s["step"]), real_save(d, s)))
     result = train(tiny_cfg, tmp_path / "run", progress=False, callbacks=[snapshot])
     assert result.nonfinite_skipped == 2 and result.steps == 6
     for step in (2, 3):  # skipped steps leave the weights as the last good step made them
@@ -144,7 +146,7 @@ def test_a_streak_of_nonfinite_steps_fails_and_keeps_the_last_good_checkpoint(ti
         real_save(d, s)
         written.append((s["step"], (Path(d) / CHECKPOINT).read_bytes()))
 
-    monkeypatch.setattr("nestar_lab.train.save_checkpoint", save)
+    monkeypatch.setattr("nestar_lab.run.train.save_checkpoint", save)
     run = tmp_path / "run"
     code, _, err = _cli(capsys, "train", _config_file(tiny_raw, tmp_path / "c.yaml"), "--run-dir", run)
     assert code == 1
@@ -282,7 +284,7 @@ def test_an_unwritable_run_dir_fails_before_any_work(where, tiny_raw, tmp_path, 
             return real(self, data)
 
         monkeypatch.setattr(Path, "write_bytes", refuse)
-    monkeypatch.setattr("nestar_lab.train.build_experiment", lambda cfg: pytest.fail("work started"))
+    monkeypatch.setattr("nestar_lab.run.train.build_experiment", lambda cfg: pytest.fail("work started"))
     code, _, err = _cli(capsys, "train", _config_file(tiny_raw, tmp_path / "c.yaml"), "--run-dir", target)
     line = _one_line(err)
     assert code == 2 and str(target) in line
@@ -358,7 +360,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(stage, run, monkeypatch, caps
 
 
 def test_training_failed_is_a_run_failure():
-    from nestar_lab.errors import RunFailed
+    from nestar_lab.config.errors import RunFailed
 
     assert issubclass(TrainingFailed, RunFailed) and TrainingFailed("x").exit_code == 1
     assert issubclass(rundir.RunDirError, ValueError) and rundir.RunDirError("x").exit_code == 2

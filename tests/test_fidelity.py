@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-
 from test_metrics import context, make, real_test_images
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 
 def frechet_closed_form(a: np.ndarray, b: np.ndarray) -> float:

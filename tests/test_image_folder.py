@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from nestar_plugins.datasets import image_folder as mod
 from PIL import Image
 from pydantic import ValidationError
 
-from nestar_lab.registry import get_registry
-from nestar_plugins.datasets import image_folder as mod
+from nestar_lab.config.registry import get_registry
 
 ImageFolder = get_registry().get("dataset", "image_folder")
 R = 16

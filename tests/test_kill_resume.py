@@ -31,10 +31,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-
-from nestar_lab.rundir import load_checkpoint
-
 from conftest import TINY
+
+from nestar_lab.run.rundir import load_checkpoint
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,10 +7,10 @@ import re
 import pydantic
 import pytest
 import torch
+from nestar_plugins.tokenizers.ldm_convert import diffusers_to_ldm, ldm_to_diffusers, load_state_strict
 from safetensors.torch import save_file
 
-from nestar_lab.registry import get_registry
-from nestar_plugins.tokenizers.ldm_convert import diffusers_to_ldm, ldm_to_diffusers, load_state_strict
+from nestar_lab.config.registry import get_registry
 
 reg = get_registry()
 KL16 = reg.get("tokenizer", "kl16")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nestar_lab.config import validate_config
-from nestar_lab.evaluate import evaluate
-from nestar_lab.train import load_trained, train
+from nestar_lab.config.validation import validate_config
+from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.train import load_trained, train
 
 
 def test_short_run_generates_recognisable_new_digits(tiny_raw, tmp_path):

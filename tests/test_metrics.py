@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from nestar_lab.interfaces import EvalContext, Samples, SampleStats
-from nestar_lab.registry import get_registry
 from nestar_plugins.datasets.digits import Digits
+
+from nestar_lab.config.registry import get_registry
+from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 
 reg = get_registry()
 FAST = {

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nestar_lab.config import SampleConfig
-from nestar_lab.experiment import build_experiment
-from nestar_lab.flow import FlowConfig, data_estimate, guided_velocity, path_sample
-from nestar_lab.losses import training_losses
-from nestar_lab.sample import Sampler, sample_tokens
+from nestar_lab.method.flow import FlowConfig, data_estimate, guided_velocity, path_sample
+from nestar_lab.method.losses import training_losses
+from nestar_lab.method.sample import SampleConfig, Sampler, sample_tokens
+from nestar_lab.run.experiment import build_experiment
 
 
 def test_path_conventions():
@@ -20,8 +19,8 @@ def test_path_conventions():
 
 
 def test_the_data_estimate_of_the_true_velocity_is_the_data_and_data_matching_uses_it():
+    from nestar_lab.config.registry import get_registry
     from nestar_lab.interfaces import CoordinationPair
-    from nestar_lab.registry import get_registry
 
     x1, x0, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(2, 3)
     path = path_sample(x1, x0, t)
@@ -53,7 +52,7 @@ def test_loss_goes_down_on_a_small_batch(tiny_cfg):
 
 
 def test_no_coordination_skips_the_partner_rows(tiny_raw):
-    from nestar_lab.config import validate_config
+    from nestar_lab.config.validation import validate_config
 
     tiny_raw["coordination"] = {"name": "none"}
     exp = build_experiment(validate_config(tiny_raw))
@@ -84,19 +83,17 @@ def test_linear_guidance_schedule():
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_sampler_stats_and_every_token_written(tiny_raw, k):
-    from nestar_lab.config import validate_config
+    from nestar_lab.config.validation import validate_config
 
     tiny_raw["generator"]["params"]["k"] = k
     exp = build_experiment(validate_config(tiny_raw))
     M = len(exp.generator.schedule.stages)
-    sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)
+    sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())
     samples = sampler(torch.tensor([0, 1, 2]), seed=0)
     assert samples.images.shape == (3, 1, 8, 8)
     assert samples.stats.sequential_steps == k + (M - 1) * (k - 1)
     assert samples.stats.nfe_per_image == samples.stats.sequential_steps * 2  # euler, 2 steps
-    out = sample_tokens(
-        exp.generator, torch.tensor([4, 5]), exp.solver, exp.cfg.sample, torch.Generator().manual_seed(0), 1
-    )
+    out = sample_tokens(exp.generator, torch.tensor([4, 5]), exp.sampling_plan(), torch.Generator().manual_seed(0), 1)
     assert (out.tokens != 0).all(), "every token must be generated"
     assert out.context_passes == samples.stats.context_passes == samples.stats.sequential_steps
 
@@ -105,7 +102,7 @@ def test_sampling_is_seeded_and_labels_matter(tiny_cfg):
     exp = build_experiment(tiny_cfg)
     for p in exp.generator.parameters():  # a non-trivial untrained network
         torch.nn.init.normal_(p, std=0.2)
-    sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)
+    sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())
     a = sampler(torch.tensor([1, 2]), seed=3).images
     assert torch.equal(a, sampler(torch.tensor([1, 2]), seed=3).images)
     assert not torch.equal(a, sampler(torch.tensor([1, 2]), seed=4).images)
@@ -113,7 +110,7 @@ def test_sampling_is_seeded_and_labels_matter(tiny_cfg):
 
 
 def test_shared_weights_use_one_module_for_every_stage(tiny_raw):
-    from nestar_lab.config import validate_config
+    from nestar_lab.config.validation import validate_config
 
     separate = build_experiment(validate_config(tiny_raw)).generator
     tiny_raw["generator"]["params"]["share_weights"] = True
@@ -130,7 +127,7 @@ def test_shared_weights_use_one_module_for_every_stage(tiny_raw):
 
 @pytest.mark.parametrize("generator,params,steps", [("ar", {}, 64), ("dit", {}, 1), ("mar", {"steps": 8}, 8)])
 def test_baseline_schedules_sample_with_their_step_counts(tiny_raw, generator, params, steps):
-    from nestar_lab.config import validate_config
+    from nestar_lab.config.validation import validate_config
 
     tiny_raw["generator"] = {"name": generator, "params": params}
     if generator != "mar":  # MAR keeps its per-token head
@@ -141,7 +138,7 @@ def test_baseline_schedules_sample_with_their_step_counts(tiny_raw, generator, p
     )
     assert set(out.parts) == {"flow_1"}
     out.total.backward()
-    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([3, 4]))
+    samples = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())(torch.tensor([3, 4]))
     assert samples.images.shape == (2, 1, 8, 8)
     assert samples.stats.sequential_steps == steps and samples.stats.nfe_per_image == 2 * steps
 
@@ -157,8 +154,8 @@ def test_mar_reveals_every_token_once_on_a_cosine_schedule():
 
 def _module_loss(tiny_raw, num: int, **module_params):
     """The training loss of a fresh tiny NestAR whose scale module gets ``module_params``."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.experiment import build_experiment
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.experiment import build_experiment
 
     raw = {**tiny_raw, "scale_module": {**tiny_raw["scale_module"]}}
     raw["scale_module"]["params"] = {**raw["scale_module"]["params"], **module_params}
@@ -218,9 +215,9 @@ def test_flex_block_masks_are_cached_by_content(monkeypatch):
 def test_compile_flag_traces_training_and_sampling(tiny_raw):
     """``train.compile`` compiles the scale modules' parts; the eager backend checks that
     training and KV-cached sampling trace through torch.compile without changing results."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.evaluate import make_sampler
-    from nestar_lab.experiment import build_experiment
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.evaluate import make_sampler
+    from nestar_lab.run.experiment import build_experiment
 
     results = []
     for compiled in (False, True):

@@ -9,13 +9,14 @@ import pytest
 import torch
 import yaml
 
-import nestar_lab.sample as sample_module
+import nestar_lab.method.sample as sample_module
 from nestar_lab.cli import main
-from nestar_lab.config import ConfigError, dump_config, load_config, validate_config
-from nestar_lab.experiment import build_experiment
-from nestar_lab.flow import FlowConfig
-from nestar_lab.sample import Sampler
-from nestar_lab.registry import get_registry
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.validation import dump_config, load_config, validate_config
+from nestar_lab.method.flow import FlowConfig
+from nestar_lab.method.sample import Sampler
+from nestar_lab.run.experiment import build_experiment
 
 
 def with_modules(raw: dict, modules: dict) -> dict:
@@ -25,7 +26,7 @@ def with_modules(raw: dict, modules: dict) -> dict:
 
 
 def sampler(exp) -> Sampler:
-    return Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solvers, exp.sample_configs())
+    return Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())
 
 
 def count(net) -> int:
@@ -104,9 +105,9 @@ def test_per_module_cfg_scale_reaches_the_solve(tiny_raw, monkeypatch):
 
 
 def test_speed_and_evaluation_report_nfe_per_module(tiny_raw):
-    from nestar_lab.evaluate import make_sampler
+    from nestar_lab.config.registry import get_registry
     from nestar_lab.interfaces import EvalContext
-    from nestar_lab.registry import get_registry
+    from nestar_lab.run.evaluate import make_sampler
 
     exp = build_experiment(validate_config(with_modules(tiny_raw, {3: {"ode_solver": {"params": {"steps": 1}}}})))
     exp.generator.eval()
@@ -217,7 +218,7 @@ def test_describe_lists_each_modules_size_solver_and_steps(tiny_raw, tmp_path, c
 
 
 def test_results_rows_carry_module_settings_as_columns(tiny_raw):
-    from nestar_lab.results import flatten_config
+    from nestar_lab.run.results import flatten_config
 
     midpoint = {"ode_solver": {"name": "midpoint", "params": {"steps": 4}}, "cfg_scale": 1.0}
     modules = {1: {"scale_module": {"params": {"depth": 3}}}, 3: midpoint}

@@ -7,9 +7,11 @@ import copy
 import pytest
 import yaml
 
-from nestar_lab.config import ConfigError, apply_overrides, dump_config, load_config, read_yaml, validate_config
-from nestar_lab.registry import get_registry
-from nestar_lab.study import apply_dotted
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import apply_overrides, read_yaml
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.validation import dump_config, load_config, validate_config
+from nestar_lab.sweep.study import apply_dotted
 
 QUICKSTART = "studies/configs/quickstart.yaml"
 

@@ -14,10 +14,11 @@ import yaml
 from PIL import Image
 
 from nestar_lab.cli import main
-from nestar_lab.config import ConfigError, load_config
-from nestar_lab.experiment import make
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.parts import make
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.validation import load_config
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
-from nestar_lab.registry import get_registry
 
 PAPER_CONFIGS = sorted(Path(__file__).parents[1].glob("studies/configs/imagenet256/*.yaml"))
 

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from nestar_lab.flow import FlowConfig
 from nestar_lab.interfaces import PassOptions
+from nestar_lab.method.flow import FlowConfig
 
 
 def test_pass_options_are_frozen_and_hashable_sets():
@@ -24,8 +24,8 @@ def test_pass_options_are_frozen_and_hashable_sets():
 
 
 def test_mar_refuses_a_stage_it_does_not_have(tiny_raw):
-    from nestar_lab.config import validate_config
-    from nestar_lab.experiment import build_experiment
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.experiment import build_experiment
 
     tiny_raw["generator"] = {"name": "mar", "params": {"steps": 8}}
     tiny_raw["coordination"] = {"name": "none"}
@@ -39,9 +39,9 @@ def test_mar_refuses_a_stage_it_does_not_have(tiny_raw):
 
 def test_training_hands_the_generator_typed_options(tiny_raw, tmp_path, monkeypatch):
     """Progressive training passes each step's stage and the logging steps' measurement."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.generator import Generator
-    from nestar_lab.train import train
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.method.generator import Generator
+    from nestar_lab.run.train import train
 
     tiny_raw["train"].update(steps=4, log_every=2, checkpoint_every=4, module_schedule="progressive",
                              progressive_fraction=0.5)  # fmt: skip

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from nestar_lab.cli import main
-from nestar_lab.evaluate import cache_root
 from nestar_plugins.metrics.extractors import to_uint8
 from nestar_plugins.metrics.reference_stats import reference_subset
 from test_metrics import FAST, context, make, real_test_images
+
+from nestar_lab.cli import main
+from nestar_lab.run.evaluate import cache_root
 
 DIM = 128  # the digits CNN's penultimate width: 4 x classifier_width (32)
 QUICK = {"isc": False, "real_baseline": False}

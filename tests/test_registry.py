@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from nestar_lab.cli import main
+from nestar_lab.config.registry import PluginError, Registry, get_registry, make_manager
 from nestar_lab.hookspecs import KINDS, hookimpl
-from nestar_lab.registry import PluginError, Registry, get_registry, make_manager
 
 
 def test_every_kind_has_builtin_plugins():

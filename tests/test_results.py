@@ -6,14 +6,13 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
 
-from nestar_lab import results
 from nestar_lab.cli import main
-from nestar_lab.config import validate_config
-from nestar_lab.evaluate import evaluate
-from nestar_lab.plots import higher_is_better, pareto_mask
-from nestar_lab.train import load_trained, train
+from nestar_lab.config.validation import validate_config
+from nestar_lab.run import results
+from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.train import load_trained, train
+from nestar_lab.sweep.plots import higher_is_better, pareto_mask
 
 
 def fake_rows(tiny_raw, tmp_path):

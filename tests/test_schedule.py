@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nestar_lab.schedule import Schedule, Stage, coordination_rows, nested_schedule
+from nestar_lab.method.schedule import Schedule, Stage, coordination_rows, nested_schedule
 
 
 @pytest.mark.parametrize("n,k", [(4, 4), (16, 2), (64, 4), (64, 8), (64, 2), (256, 4), (256, 16), (27, 3)])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nestar_lab.registry import get_registry
+from nestar_lab.config.registry import get_registry
 
 SOLVERS = get_registry().names("ode_solver")
 FIXED_EVALS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
@@ -117,15 +117,15 @@ def test_fixed_solvers_convert_nothing_per_step(name, monkeypatch):
 
 def test_a_sampling_call_converts_as_often_at_any_step_count(tiny_raw, monkeypatch):
     """Tensor -> Python conversions in one whole sampling call do not grow with the solver steps."""
-    from nestar_lab.config import validate_config
-    from nestar_lab.experiment import build_experiment
-    from nestar_lab.sample import Sampler
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.method.sample import Sampler
+    from nestar_lab.run.experiment import build_experiment
 
     counts = {}
     for steps in (2, 8):
         tiny_raw["ode_solver"]["params"]["steps"] = steps
         exp = build_experiment(validate_config(tiny_raw))
-        sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)
+        sampler = Sampler(exp.generator.eval(), exp.tokenizer, exp.order, exp.sampling_plan())
         sampler(torch.tensor([0, 1]), seed=0)  # warm-up: lazily built buffers
         with monkeypatch.context() as m:
             conversions = _Conversions(m)

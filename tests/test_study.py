@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 from nestar_lab.cli import main
-from nestar_lab.study import load_study
-from nestar_lab import tuning
-from nestar_lab.tuning import Objective, StudyFailed, open_study, run_study, tally, trials_table
+from nestar_lab.sweep import tuning
+from nestar_lab.sweep.storage import StudyFailed, open_study, tally
+from nestar_lab.sweep.study import load_study
+from nestar_lab.sweep.study_report import trials_table
+from nestar_lab.sweep.tuning import Objective, run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -61,7 +63,7 @@ def test_three_trials_complete_and_each_is_a_run(tmp_path, tiny_raw):
     for t in study.trials:
         run = spec.study_dir / "trials" / t.user_attrs["run_id"]
         assert (run / "metrics.json").is_file() and (run / "checkpoint.pt").is_file()
-    from nestar_lab import results
+    from nestar_lab.run import results
 
     assert len(results.load(spec.study_dir)) == 3
     assert main(["study", "report", str(spec.source)]) == 0
@@ -80,7 +82,7 @@ def test_invalid_combination_is_pruned_with_its_reason(tmp_path, tiny_raw):
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_raw, monkeypatch):
-    import nestar_lab.evaluate as evaluate_module
+    import nestar_lab.run.evaluate as evaluate_module
 
     real = evaluate_module.evaluate
     calls = {"n": 0}
@@ -109,7 +111,7 @@ def test_pruner_stops_a_trial_with_a_bad_intermediate_value(tmp_path, tiny_raw, 
     good = study.ask()
     good.report(1.0, 2)
     study.tell(good, 1.0)
-    import nestar_lab.train as train_module
+    import nestar_lab.run.train as train_module
 
     monkeypatch.setattr(train_module, "validation_loss", lambda exp: 100.0)
     bad = study.ask()
@@ -138,13 +140,13 @@ def test_two_workers_share_one_storage(tmp_path, tiny_raw):
     assert len(numbers) == len(set(numbers)) == 4
     failures = [(t.number, t.state.name, t.user_attrs) for t in kept if t.state != optuna.trial.TrialState.COMPLETE]
     assert not failures
-    from nestar_lab import results
+    from nestar_lab.run import results
 
     assert len(results.load(spec.study_dir)) == 4  # concurrent appends lose no row
 
 
 def test_errors_in_a_row_give_up_with_one_line(tmp_path, tiny_raw, monkeypatch):
-    import nestar_lab.evaluate as evaluate_module
+    import nestar_lab.run.evaluate as evaluate_module
 
     def broken(exp, run_dir, **kw):
         raise RuntimeError("metric code is broken")
@@ -251,7 +253,7 @@ def test_report_separates_objectives_from_pruned_intermediate_values(tmp_path, t
 
 
 def test_sampling_only_keys_include_each_modules_solver_and_guidance(tmp_path, tiny_raw):
-    from nestar_lab.study import is_sampling_key
+    from nestar_lab.sweep.study import is_sampling_key
 
     assert is_sampling_key("modules.3.ode_solver.params.steps") and is_sampling_key("modules.1.cfg_scale")
     assert is_sampling_key("modules.2.ode_solver.name") and is_sampling_key("sample.cfg_scale")
@@ -286,7 +288,7 @@ def test_a_continued_study_and_each_worker_draw_their_own_proposals(tmp_path, ti
     """A seeded sampler is offset per process by the trials already in the study and by the
     worker number: continuing a study, or two workers starting together, never replays the
     proposals of the first process, while a new study's first process keeps the seed as given."""
-    from nestar_lab.study import trial_overrides
+    from nestar_lab.sweep.study import trial_overrides
 
     (tmp_path / "b").mkdir()
     spec = write_study(tmp_path, tiny_raw, space={"train.lr": {"float": [1e-4, 1e-2], "log": True}})
@@ -318,7 +320,7 @@ def test_a_seeded_study_crosses_arms_with_seeds_and_reports_paired_differences(t
     assert spec.trials == 6 and {a["seed"] for a in spec.arms} == {0, 1, 2}
     study = run_study(spec)
     assert states(study) == [optuna.trial.TrialState.COMPLETE] * 6
-    from nestar_lab import results
+    from nestar_lab.run import results
 
     store = results.load(spec.study_dir)
     assert sorted(zip(store["generator.k"], store["seed"], store["eval.seed"])) == [
@@ -340,7 +342,7 @@ def test_a_seeded_study_crosses_arms_with_seeds_and_reports_paired_differences(t
      "reference: {'generator.params.k': 2} is none of the arms"),
 ])  # fmt: skip
 def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fields, message, tmp_path, tiny_raw):
-    from nestar_lab.errors import ConfigError
+    from nestar_lab.config.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         write_study(tmp_path, tiny_raw, **fields)

@@ -18,8 +18,9 @@ import optuna
 import pytest
 import yaml
 
-from nestar_lab.study import load_study
-from nestar_lab.tuning import FINISHED, make_storage, open_study, run_study, tally
+from nestar_lab.sweep.storage import FINISHED, make_storage, open_study, tally
+from nestar_lab.sweep.study import load_study
+from nestar_lab.sweep.tuning import run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 HEARTBEAT = 2  # seconds; a trial silent for 2x this is stale

@@ -6,8 +6,8 @@ import dataclasses
 
 import optuna
 
-from nestar_lab.plots import plot_study
-from nestar_lab.tuning import StudyReport
+from nestar_lab.sweep.plots import plot_study
+from nestar_lab.sweep.study_report import StudyReport
 
 
 def test_plot_study_draws_history_importances_and_pareto(tmp_path):
@@ -21,5 +21,5 @@ def test_plot_study_draws_history_importances_and_pareto(tmp_path):
 
 def test_report_fields_are_typed():
     fields = {f.name: f.type for f in dataclasses.fields(StudyReport)}
-    assert list(fields) == ["study", "best", "table", "table_path", "plots", "out_dir"]
+    assert list(fields) == ["study", "best", "table", "table_path", "plots", "out_dir", "paired"]
     assert StudyReport.__dataclass_params__.frozen

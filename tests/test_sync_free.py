@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nestar_lab import capture
-from nestar_lab.config import validate_config
-from nestar_lab.experiment import build_experiment
-from nestar_lab.optim import make_optimizer
-from nestar_lab.train import _guarded_step, train
+from nestar_lab.config.validation import validate_config
+from nestar_lab.method import capture
+from nestar_lab.method.sample import SamplingPlan
+from nestar_lab.run.experiment import build_experiment
+from nestar_lab.run.optim import make_optimizer
+from nestar_lab.run.train import train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = (str(ROOT / "nestar_lab"), str(ROOT / "plugins"))
@@ -54,17 +55,17 @@ def test_a_plain_training_step_reads_nothing_from_the_device(tiny_raw, monkeypat
     opt, ema = make_optimizer(exp)
     split = exp.dataset.split("train")
     tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:16]))
-    _guarded_step(exp, opt, ema, tokens, split.labels[:16], 0)  # warm-up: lazily built rows
+    train_step(exp, opt, ema, tokens, split.labels[:16], 0)  # warm-up: lazily built rows
     with monkeypatch.context() as m:
         seen = ProjectConversions(m)
-        out, nonfinite = _guarded_step(exp, opt, ema, tokens, split.labels[:16], 3)
+        out, nonfinite = train_step(exp, opt, ema, tokens, split.labels[:16], 3)
     assert seen.calls == [], seen.calls
     assert nonfinite.shape == () and not bool(nonfinite) and torch.isfinite(out.total)
 
 
 def _nan_from(monkeypatch, calls: set[int]):
-    import nestar_lab.train as train_mod
-    from nestar_lab.losses import LossOutput
+    import nestar_lab.run.train as train_mod
+    from nestar_lab.method.losses import LossOutput
 
     real_build = train_mod.build_experiment
 
@@ -106,7 +107,7 @@ def test_reading_the_device_late_changes_nothing(tiny_raw, tmp_path, monkeypatch
 def test_a_streak_found_late_fails_at_the_step_it_reached_the_limit(tiny_raw, tmp_path, monkeypatch):
     """Between reads the device freezes training once the streak is at its limit: the failure
     names the step where it got there, and the log stops at that step."""
-    from nestar_lab.runbook import TrainingFailed
+    from nestar_lab.run.runbook import TrainingFailed
 
     tiny_raw["train"].update(steps=20, checkpoint_every=20, log_every=20, max_nonfinite_steps=3)
     _nan_from(monkeypatch, {4, 5, 6})  # steps 5, 6, 7; step 8 on would be finite
@@ -129,10 +130,13 @@ def _experiment(tiny_raw, generator: str, solver: str = "euler", steps: int = 2)
 
 
 def _sample(exp, capture_mode):
-    cfg = exp.cfg.sample.model_copy(update={"capture": capture_mode})
+    force = capture_mode if isinstance(capture_mode, bool) else None  # True: the static path, even on the CPU
+    mode = "auto" if force is not None else capture_mode
+    cfgs = [c.model_copy(update={"capture": mode}) for c in exp.sample_configs()]
+    plan = SamplingPlan.build(exp.solvers, cfgs, exp.device, exp.autocast(), capture=force)
     rng = torch.Generator(device=exp.device).manual_seed(5)
     labels = torch.tensor([0, 3, 7], device=exp.device)
-    return exp.generator.sample_tokens(labels, exp.solver, cfg, rng, exp.tokenizer.latent_shape[0], exp.autocast())
+    return exp.generator.sample_tokens(labels, plan, rng, exp.tokenizer.latent_shape[0])
 
 
 @pytest.mark.parametrize("generator", sorted(GENERATORS))
@@ -193,7 +197,7 @@ def test_capture_decisions_and_their_reasons():
 
 @pytest.mark.parametrize("where", ["sample.capture", "modules.2.ode_solver"])
 def test_capture_on_where_impossible_is_a_config_error(where, tiny_raw):
-    from nestar_lab.errors import ConfigError
+    from nestar_lab.config.errors import ConfigError
 
     tiny_raw["sample"]["capture"] = "on"
     if where == "modules.2.ode_solver":
@@ -264,29 +268,31 @@ def test_no_hidden_sync_on_cuda(tiny_raw):
     split = exp.dataset.split("train")
     tokens = exp.order.flatten(exp.tokenizer.encode(split.images[:16].cuda()))
     labels = split.labels[:16].cuda()
-    _guarded_step(exp, opt, ema, tokens, labels, 0)
+    train_step(exp, opt, ema, tokens, labels, 0)
     exp.generator.eval()
     for _ in range(2):  # the first calls record the graphs (recording itself may synchronize)
         _sample(exp, "on")
     exp.generator.train()
-    cfg = exp.cfg.sample.model_copy(update={"capture": "on"})
+    cfgs = [c.model_copy(update={"capture": "on"}) for c in exp.sample_configs()]
+    plan = SamplingPlan.build(exp.solvers, cfgs, exp.device, exp.autocast())
     rng = torch.Generator(device=exp.device).manual_seed(5)
     wanted = torch.tensor([0, 3, 7], device=exp.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _guarded_step(exp, opt, ema, tokens, labels, 3)
+        train_step(exp, opt, ema, tokens, labels, 3)
         exp.generator.eval()
-        exp.generator.sample_tokens(wanted, exp.solver, cfg, rng, exp.tokenizer.latent_shape[0], exp.autocast())
+        exp.generator.sample_tokens(wanted, plan, rng, exp.tokenizer.latent_shape[0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
 def test_running_out_of_memory_while_capturing_is_one_line(monkeypatch):
     """The GPU fills up while a solve is recorded: one line naming the batch and the way out."""
-    from nestar_lab.errors import describe
-    from nestar_lab.flow import guided_velocity
     from nestar_plugins.ode_solvers.torchdiffeq_solvers import Euler
+
+    from nestar_lab.config.errors import describe
+    from nestar_lab.method.flow import guided_velocity
 
     def full(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

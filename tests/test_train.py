@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from nestar_lab.cli import main
-from nestar_lab.config import TrainConfig
-from nestar_lab.rundir import load_checkpoint, load_run_config
-from nestar_lab.train import TrainingInterrupted, batch_indices, lr_factor, train
+from nestar_lab.config.schema import TrainConfig
+from nestar_lab.run.data import batch_indices
+from nestar_lab.run.optim import lr_factor
+from nestar_lab.run.rundir import load_checkpoint, load_run_config
+from nestar_lab.run.train import TrainingInterrupted, train
 
 
 def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
@@ -39,7 +41,7 @@ def test_run_dir_holds_resolved_config_and_safe_checkpoint(tiny_cfg, tmp_path):
 
 
 def test_sigint_checkpoints_and_exits(tiny_raw, tmp_path):
-    from nestar_lab.config import validate_config
+    from nestar_lab.config.validation import validate_config
 
     tiny_raw["train"]["steps"] = 10_000
     cfg = validate_config(tiny_raw)
@@ -76,9 +78,9 @@ def test_batches_cover_an_epoch_without_repeats():
 
 
 def test_weight_decay_spares_biases_norms_embeddings_and_learned_tokens(tiny_raw):
-    from nestar_lab.config import validate_config
-    from nestar_lab.experiment import build_experiment
-    from nestar_lab.train import make_optimizer
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.experiment import build_experiment
+    from nestar_lab.run.optim import make_optimizer
 
     tiny_raw["train"]["weight_decay"] = 0.05
     exp = build_experiment(validate_config(tiny_raw))

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import ValidationError
-
-from nestar_lab.config import SampleConfig, validate_config
-from nestar_lab.experiment import build_experiment
-from nestar_lab.flow import FlowConfig
-from nestar_lab.interfaces import PassOptions, Rows, ScaleModuleSpec
-from nestar_lab.registry import get_registry
-from nestar_lab.sample import Sampler
 from nestar_plugins.generators.var import VAR
 from nestar_plugins.token_orders.orders import CoarseToFine
+from pydantic import ValidationError
+
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.validation import validate_config
+from nestar_lab.interfaces import PassOptions, Rows, ScaleModuleSpec
+from nestar_lab.method.flow import FlowConfig
+from nestar_lab.method.sample import SampleConfig, Sampler, SamplingPlan
+from nestar_lab.run.experiment import build_experiment
 
 reg = get_registry()
 SMALL = {"width": 32, "depth": 2, "heads": 2, "prefix_tokens": 2, "head_width": 32, "head_depth": 1}
@@ -61,7 +61,7 @@ def test_trains_on_digits_and_samples_four_steps(tiny_raw):
     assert set(out.parts) == {"flow_1", "mse_1x1", "mse_2x2", "mse_4x4", "mse_8x8"}
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
-    samples = Sampler(gen.eval(), exp.tokenizer, exp.order, exp.solver, exp.cfg.sample)(torch.tensor([3, 4, 5]))
+    samples = Sampler(gen.eval(), exp.tokenizer, exp.order, exp.sampling_plan())(torch.tensor([3, 4, 5]))
     assert samples.images.shape == (3, 1, 8, 8)
     assert samples.stats.sequential_steps == 4 and samples.stats.nfe_per_image == 4 * 2  # euler, 2 steps
 
@@ -84,7 +84,7 @@ def test_sixteen_by_sixteen_samples_five_scales_with_guidance(head):
     assert gen.scales == (1, 2, 4, 8, 16) and gen.schedule.sequential_steps == 5
     cfg = SampleConfig(cfg_scale=2.0, cfg_schedule="linear")
     rng = torch.Generator().manual_seed(0)
-    out = gen.sample_tokens(torch.tensor([1, 2]), euler(3), cfg, rng, 2, torch.no_grad)
+    out = gen.sample_tokens(torch.tensor([1, 2]), SamplingPlan.shared(euler(3), cfg, 5, "cpu"), rng, 2)
     tokens, nfe = out.tokens, out.nfe
     assert out.context_passes == 5
     assert tokens.shape == (2, 256, 2) and torch.isfinite(tokens).all() and (tokens != 0).all()
@@ -124,7 +124,8 @@ def test_cached_extension_equals_the_teacher_forced_pass():
 def test_custom_scales_and_progressive_stages():
     gen, _ = make_var((6, 6), scales=[1, 3, 6])
     assert gen.schedule.sequential_steps == 3
-    out = gen.sample_tokens(torch.tensor([0]), euler(1), SampleConfig(cfg_scale=1.0), torch.Generator(), 2, torch.no_grad)
+    out = gen.sample_tokens(torch.tensor([0]), SamplingPlan.shared(euler(1), SampleConfig(cfg_scale=1.0), 3, "cpu"),
+                            torch.Generator(), 2)  # fmt: skip
     tokens, nfe = out.tokens, out.nfe
     assert tokens.shape == (1, 36, 2) and nfe == 3
     out = gen.training_losses(torch.randn(2, 36, 2), torch.tensor([0, 1]), FlowConfig(), None, torch.Generator(),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from nestar_lab.flow import data_estimate
 from nestar_lab.interfaces import CoordinationObjective, CoordinationPair, Params
+from nestar_lab.method.flow import data_estimate
 
 
 class NoCoordination(CoordinationObjective):

@@ -1,9 +1,10 @@
 """Built-in datasets."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.datasets.digits import Digits
 from nestar_plugins.datasets.image_folder import ImageFolder
 from nestar_plugins.datasets.image_patches import ImagePatches
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

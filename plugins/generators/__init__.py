@@ -1,11 +1,12 @@
 """Built-in generators."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.generators.baselines import AR
 from nestar_plugins.generators.dit import DiT
 from nestar_plugins.generators.mar import MAR
 from nestar_plugins.generators.nestar import NestAR
 from nestar_plugins.generators.var import VAR
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nestar_lab.generator import Generator
 from nestar_lab.interfaces import Params
-from nestar_lab.schedule import Schedule, autoregressive_schedule
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.schedule import Schedule, autoregressive_schedule
 
 
 class AR(Generator):

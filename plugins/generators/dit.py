@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from nestar_plugins.scale_modules.layers import AdaLNAttnBlock, _modulate, sincos_2d, timestep_features
 from torch import Tensor, nn
 
-from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator, per_module
 from nestar_lab.interfaces import Params, PassOptions, ScaleModuleSpec, TokenSample
-from nestar_lab.losses import LossOutput
-from nestar_lab.schedule import Schedule, single_step_schedule
-from nestar_plugins.scale_modules.layers import AdaLNAttnBlock, _modulate, sincos_2d, timestep_features
+from nestar_lab.method.flow import draw_path, solve_patch, with_null_labels
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.losses import LossOutput
+from nestar_lab.method.schedule import Schedule, single_step_schedule
 
 
 class DiffusionTransformer(nn.Module):
@@ -95,11 +95,11 @@ class DiT(Generator):
         return LossOutput(total=loss, parts={"flow_1": loss})
 
     @torch.no_grad()
-    def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast) -> TokenSample:
-        solver, cfg = per_module(solver, 0), per_module(cfg, 0)  # one stage: modules.1
+    def sample_tokens(self, labels_B, plan, rng, token_dim) -> TokenSample:
+        sp = plan[0]  # one stage: modules.1
         net, n = self.nets[0], self.schedule.num_tokens
-        guided = cfg.cfg_scale != 1.0
+        guided = sp.settings.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
-        result = solve_patch(solver, net, labels_in, (labels_B.shape[0], n, token_dim), rng=rng, autocast=autocast,
-                             cfg_scale=cfg.scale_at(n, n), temperature=cfg.temperature, capture=cfg.capture)  # fmt: skip
+        result = solve_patch(sp.solver, net, labels_in, (labels_B.shape[0], n, token_dim), rng=rng, autocast=plan.autocast,
+                             cfg_scale=sp.settings.scale_at(n, n), temperature=sp.settings.temperature, capture=sp.captured)  # fmt: skip
         return TokenSample(result.y1, result.nfe, 0, (result.nfe,))

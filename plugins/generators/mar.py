@@ -8,11 +8,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator, gather_inputs, per_module
 from nestar_lab.interfaces import Params, PassOptions, Rows, TokenSample
-from nestar_lab.losses import LossOutput
-from nestar_lab.schedule import Schedule, Stage
+from nestar_lab.method.flow import draw_path, solve_patch, with_null_labels
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.losses import LossOutput
+from nestar_lab.method.schedule import Schedule, Stage, gather_inputs
 
 
 def reveal_counts(num_tokens: int, steps: int) -> list[int]:
@@ -100,11 +100,11 @@ class MAR(Generator):
         return LossOutput(total=loss, parts={"flow_1": loss})
 
     @torch.no_grad()
-    def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast) -> TokenSample:
-        solver, cfg = per_module(solver, 0), per_module(cfg, 0)  # one stage: modules.1
+    def sample_tokens(self, labels_B, plan, rng, token_dim) -> TokenSample:
+        sp, autocast = plan[0], plan.autocast  # one stage: modules.1
         device = labels_B.device
         B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
-        guided = cfg.cfg_scale != 1.0
+        guided = sp.settings.cfg_scale != 1.0
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         order_Bn = random_orders(B, n, rng, device)
         tokens = torch.zeros(B, n, token_dim, device=device)
@@ -117,8 +117,8 @@ class MAR(Generator):
                 cond = self._encode(torch.cat([tokens, tokens]) if guided else tokens,
                                     torch.cat([known, known]) if guided else known, labels_in)  # fmt: skip
             cond = cond.gather(1, pick[..., None].expand(-1, -1, cond.shape[-1]))
-            result = solve_patch(solver, net.velocity, cond, (B, count - done, token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg.scale_at(count, n), temperature=cfg.temperature, capture=cfg.capture)  # fmt: skip
+            result = solve_patch(sp.solver, net.velocity, cond, (B, count - done, token_dim), rng=rng, autocast=autocast,
+                                 cfg_scale=sp.settings.scale_at(count, n), temperature=sp.settings.temperature, capture=sp.captured)  # fmt: skip
             tokens.scatter_(1, new_BK[..., None].expand(-1, -1, token_dim), result.y1.to(tokens.dtype))
             known.scatter_(1, new_BK, True)
             nfe, done = nfe + result.nfe, count

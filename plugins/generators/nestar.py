@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from nestar_lab.generator import Generator
 from nestar_lab.interfaces import Params
-from nestar_lab.schedule import Schedule, nested_schedule
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.schedule import Schedule, nested_schedule
 
 
 class NestAR(Generator):

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from nestar_lab.capture import context_passes
-from nestar_lab.capture import resolve as capture_resolve
-from nestar_lab.flow import draw_path, solve_patch, with_null_labels
-from nestar_lab.generator import Generator, per_module
 from nestar_lab.interfaces import Params, PassOptions, Rows, TokenSample
-from nestar_lab.losses import LossOutput
-from nestar_lab.schedule import Schedule, Stage
+from nestar_lab.method.capture import context_passes
+from nestar_lab.method.flow import draw_path, solve_patch, with_null_labels
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.losses import LossOutput
+from nestar_lab.method.schedule import Schedule, Stage
 
 
 def pyramid_scales(scales: tuple[int, ...] | None, num_tokens: int) -> tuple[int, ...]:
@@ -133,26 +132,25 @@ class VAR(Generator):
         return LossOutput(total=parts["flow_1"], parts=parts)
 
     @torch.no_grad()
-    def sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast):
+    def sample_tokens(self, labels_B, plan, rng, token_dim):
         device = labels_B.device
         B, n, net = labels_B.shape[0], self.schedule.num_tokens, self.net(0)
         # one KV cache runs every scale: it holds the unconditional rows when any scale guides
-        guided = any(per_module(cfg, k).cfg_scale != 1.0 for k in range(len(self.scales)))
+        guided = any(plan[k].settings.cfg_scale != 1.0 for k in range(len(self.scales)))
         labels_in = with_null_labels(labels_B, net.spec.num_classes) if guided else labels_B
         capacity = self.bounds[-1][1]  # every scale's rows
-        static = capture_resolve(per_module(cfg, 0).capture, per_module(solver, 0), device)
-        context = context_passes(net, 0, labels_in, capacity, autocast, static)  # one KV cache for every scale
+        context = context_passes(net, 0, labels_in, capacity, plan.autocast, plan[0].captured)  # one KV cache for every scale
         context.start(labels_in)
         prev, nfe, r = None, [], self._pyramid_rows(device)
         for k, s in enumerate(self.scales):  # scale k is stage k: modules.(k+1) sets its solver and guidance
-            solver_k, cfg_k = per_module(solver, k), per_module(cfg, k)
+            sp = plan[k]
             sl = slice(*self.bounds[k])
             rows = Rows(r.src_idx[sl], r.tgt_idx[sl], coords=r.coords[sl], stages=r.stages[sl])
             x_in = torch.zeros(B, s * s, token_dim, device=device) if prev is None else flat(self._upsample(prev, s))
             cond = context.extend(k, torch.cat([x_in, x_in]) if guided else x_in, rows)
-            result = solve_patch(solver_k, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=autocast,
-                                 cfg_scale=cfg_k.scale_at(s * s, n), temperature=cfg_k.temperature,
-                                 capture=cfg_k.capture)  # one scale, one patch
+            result = solve_patch(sp.solver, net.velocity, cond, (B, s * s, token_dim), rng=rng, autocast=plan.autocast,
+                                 cfg_scale=sp.settings.scale_at(s * s, n), temperature=sp.settings.temperature,
+                                 capture=sp.captured)  # one scale, one patch
             prev = result.y1.float().transpose(1, 2).reshape(B, token_dim, s, s)
             nfe.append(result.nfe)
         return TokenSample(flat(prev)[:, self.cell_of_token], sum(nfe), len(self.scales), tuple(nfe))

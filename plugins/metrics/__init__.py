@@ -1,11 +1,12 @@
 """Built-in metrics."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.metrics.class_accuracy import ClassAccuracy
 from nestar_plugins.metrics.diversity import WithinClassDiversity
 from nestar_plugins.metrics.fidelity import Fidelity
 from nestar_plugins.metrics.nearest_train import NearestTrainDistance
 from nestar_plugins.metrics.speed import Speed
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

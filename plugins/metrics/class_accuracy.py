@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from nestar_plugins.metrics.classifier import cached_classifier, predict
 from pydantic import Field
 
 from nestar_lab.interfaces import EvalContext, Metric, Params
-from nestar_plugins.metrics.classifier import cached_classifier, predict
 
 
 class ClassAccuracy(Metric):

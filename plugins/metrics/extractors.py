@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from nestar_plugins.metrics.classifier import SmallCNN, cached_classifier
 from torch import Tensor
 from torch.utils.data import Dataset as TorchDataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import (
-    cache_lookup_one_recompute_on_miss, create_feature_extractor, get_featuresdict_from_dataset,
+    cache_lookup_one_recompute_on_miss,
+    create_feature_extractor,
+    get_featuresdict_from_dataset,
 )  # fmt: skip
-
-from nestar_plugins.metrics.classifier import SmallCNN, cached_classifier
 
 INCEPTION_ENV = "NESTAR_INCEPTION_WEIGHTS"
 INCEPTION_HINT = (

@@ -7,6 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+from nestar_plugins.metrics.extractors import Uint8Images, choose_extractor, extract, feature_dim, layer_for
+from nestar_plugins.metrics.reference_stats import (
+    FileReference,
+    Reference,
+    check_reference_file,
+    split_images,
+    write_split_reference,
+)  # fmt: skip
 from pydantic import Field
 from torch.utils.data import Dataset as TorchDataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -16,10 +24,6 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import prepare_input_from_id
 
 from nestar_lab.interfaces import EvalContext, Metric, Params
-from nestar_plugins.metrics.extractors import Uint8Images, choose_extractor, extract, feature_dim, layer_for
-from nestar_plugins.metrics.reference_stats import (
-    FileReference, Reference, check_reference_file, split_images, write_split_reference,
-)  # fmt: skip
 
 SPLITS = ("train", "test")
 

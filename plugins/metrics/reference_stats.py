@@ -15,12 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nestar_plugins.metrics.extractors import (
+    ExtractorChoice,
+    Uint8Images,
+    Uint8Items,
+    cached,
+    choose_extractor,
+    digest,
+    extract,
+    layer_for,
+)  # fmt: skip
 from torch.utils.data import Dataset as TorchDataset
 from torch_fidelity.metric_fid import fid_features_to_statistics
-
-from nestar_plugins.metrics.extractors import (
-    ExtractorChoice, Uint8Images, Uint8Items, cached, choose_extractor, digest, extract, layer_for,
-)  # fmt: skip
 
 ADM_HINT = ("ADM's reference batch (VIRTUAL_imagenet256_labeled.npz, from openai/guided-diffusion's evaluations), "
             "or a file from `nestar ref-stats CONFIG --out FILE.npz`")  # fmt: skip

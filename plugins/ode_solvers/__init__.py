@@ -1,7 +1,8 @@
 """Built-in ODE solvers."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.ode_solvers.torchdiffeq_solvers import RK4, Bosh3, Dopri5, Euler, Heun, Midpoint
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

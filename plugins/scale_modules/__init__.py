@@ -1,7 +1,8 @@
 """Built-in scale modules."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.scale_modules.transformer import Transformer
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

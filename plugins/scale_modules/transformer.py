@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from nestar_plugins.scale_modules.flex import BlockMasks, use_flex
+from nestar_plugins.scale_modules.layers import Block, FlowHead, JointHead, LayerCache, sincos_2d
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nestar_lab.interfaces import Params, Rows, ScaleModule
-from nestar_plugins.scale_modules.flex import BlockMasks, use_flex
-from nestar_plugins.scale_modules.layers import Block, FlowHead, JointHead, LayerCache, sincos_2d
 
 
 class Transformer(ScaleModule):

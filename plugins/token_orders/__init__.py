@@ -1,7 +1,8 @@
 """Built-in token orders."""
 
-from nestar_lab.hookspecs import hookimpl
 from nestar_plugins.token_orders.orders import CoarseToFine, Raster, ZOrder
+
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
 from nestar_plugins.tokenizers.autoencoder_kl import AutoencoderKLParams, AutoencoderKLTokenizer
 from nestar_plugins.tokenizers.ldm_convert import load_state_strict, read_state_dict
+from pydantic import Field
 
 if TYPE_CHECKING:  # diffusers is imported on first build: registry discovery stays fast
     from diffusers import AutoencoderKL

@@ -1,10 +1,9 @@
 """nestar_lab's example plugin package: one hook implementation per kind it provides."""
 
-from nestar_lab.hookspecs import hookimpl
-
 from nestar_example_plugins.coordination import CosineMatching
 from nestar_example_plugins.metrics import MeanImageRMS
 from nestar_example_plugins.solvers import Ralston
+from nestar_lab.hookspecs import hookimpl
 
 
 @hookimpl

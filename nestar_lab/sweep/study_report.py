@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from nestar_lab.storage import open_study
-from nestar_lab.study import StudySpec
+from nestar_lab.sweep.storage import open_study
+from nestar_lab.sweep.study import StudySpec
 
 if TYPE_CHECKING:  # annotations only (pandas is imported where tables are made)
     import pandas as pd
@@ -27,7 +27,7 @@ def trials_table(study: optuna.Study, spec: StudySpec):
     trial a retry re-runs."""
     import pandas as pd
 
-    from nestar_lab import results
+    from nestar_lab.run import results
 
     names = [o.metric for o in spec.objectives]
     rows = []
@@ -64,11 +64,11 @@ def arm_label(params: dict[str, Any]) -> str:
 def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
     """With ``spec.seeds``: each arm's paired difference from the reference arm (``spec.reference``,
     default the first arm) on every objective, over the seeds both completed, as markdown; the
-    interval either resolves the difference or says how many seeds would (``nestar_lab.paired``).
+    interval either resolves the difference or says how many seeds would (``nestar_lab.sweep.paired``).
     ``None`` for a study without seeds."""
     if not spec.seeds or table.empty or "param:seed" not in table:
         return None
-    from nestar_lab.paired import paired
+    from nestar_lab.sweep.paired import paired
 
     done = table[table["state"] == "COMPLETE"]
     keys = [c for c in done.columns if c.startswith("param:") and c != "param:seed"]
@@ -110,8 +110,8 @@ class StudyReport:
 
 def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None) -> StudyReport:
     """Best trial(s), the joined table (``trials.csv``), and PNG plots (history, importances,
-    Pareto front, velocity disagreement: :func:`nestar_lab.plots.plot_study`)."""
-    from nestar_lab.plots import plot_study
+    Pareto front, velocity disagreement: :func:`nestar_lab.sweep.plots.plot_study`)."""
+    from nestar_lab.sweep.plots import plot_study
 
     study = open_study(spec, storage)
     out_dir = Path(out_dir or spec.study_dir / "report")

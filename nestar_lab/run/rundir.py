@@ -3,7 +3,7 @@
 Failures a user can meet here are one-line errors: :class:`RunDirError` (the place cannot hold
 a new run: it already holds one, or cannot be written) and :class:`CheckpointError` (a
 checkpoint that cannot be read, is incomplete, holds non-finite weights or does not fit the
-config), both :class:`~nestar_lab.errors.BadInput` (exit code 2 on the command line). A failed checkpoint write
+config), both :class:`~nestar_lab.config.errors.BadInput` (exit code 2 on the command line). A failed checkpoint write
 removes its temporary file and leaves the previous checkpoint as it was.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from nestar_lab.config import ConfigError, ExperimentConfig, load_config
-from nestar_lab.config import COMPONENT_KINDS
-from nestar_lab.errors import BadInput
-from nestar_lab.registry import get_registry
+from nestar_lab.config.errors import BadInput, ConfigError
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.schema import COMPONENT_KINDS, ExperimentConfig
+from nestar_lab.config.validation import load_config
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
@@ -150,7 +150,7 @@ def write_run_config(run_dir: str | Path, cfg: ExperimentConfig) -> None:
 
 
 def _config_yaml(cfg: ExperimentConfig) -> str:
-    """What :func:`nestar_lab.config.dump_config` writes (reloadable with ``load_config``)."""
+    """What :func:`nestar_lab.config.validation.dump_config` writes (reloadable with ``load_config``)."""
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

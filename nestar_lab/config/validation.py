@@ -22,23 +22,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nestar_lab.errors import ConfigError  # noqa: F401  (public here too)
-from nestar_lab.overrides import apply_overrides, load_yaml, read_yaml  # noqa: F401  (public here too)
-from nestar_lab.parts import check_compatibility
-from nestar_lab.registry import PluginError, get_registry
-from nestar_lab.schema import (  # noqa: F401  (re-exported: the config API lives here)
-    Strict,
-    ComponentSpec,
-    TrainConfig,
-    SampleConfig,
-    EvalConfig,
-    DataConfig,
-    DistributedConfig,
-    PartSettings,
-    ModuleSettings,
-    MODULE_PARTS,
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import apply_overrides, read_yaml
+from nestar_lab.config.parts import check_compatibility
+from nestar_lab.config.registry import PluginError, get_registry
+from nestar_lab.config.schema import (
     COMPONENT_KINDS,
+    MODULE_PARTS,
+    ComponentSpec,
     ExperimentConfig,
+    ModuleSettings,
 )
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nestar_lab.config import ExperimentConfig
+from nestar_lab.config.schema import ExperimentConfig
 
 META = "meta.json"
 

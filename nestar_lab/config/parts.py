@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from nestar_lab.capture import why_not_capturable
-from nestar_lab.registry import get_registry
+from nestar_lab.config.registry import get_registry
+from nestar_lab.method.capture import why_not_capturable
 
 
 def make(kind: str, component, **kwargs):

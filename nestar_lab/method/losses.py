@@ -3,7 +3,7 @@
 One forward pass per stage (module) per batch: the stage's teacher-forced rows, and, when the
 coordination objective needs it, its partner's rows as a second masked segment of the same pass.
 
-``gen`` is a ``nestar_lab.generator.Generator``, named in annotations only: the generator's
+``gen`` is a ``nestar_lab.method.generator.Generator``, named in annotations only: the generator's
 default methods call this module, so it does not import the generator back.
 """
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestar_lab.flow import FlowConfig, draw_path
-from nestar_lab.schedule import gather_inputs
 from nestar_lab.interfaces import CoordinationObjective, CoordinationPair, PassOptions
+from nestar_lab.method.flow import FlowConfig, draw_path
+from nestar_lab.method.schedule import gather_inputs
 
 
 @dataclass
@@ -74,6 +74,9 @@ def training_losses(
                 v_coarse=own_velocity[j].detach().flatten(0, 1),
                 y_t=ps.y_t[:, :, n_main:].flatten(0, 1),
                 t=ps.t[:, :, n_main:].flatten(0, 1),
+                x1=ps.x1[:, :, n_main:].flatten(0, 1),
+                labels=labels_B.repeat(ps.x1.shape[0]),  # rows flattened draw-major: (draw, image)
+                step=options.step,
             )
             pairs.append(pair)
     total = torch.stack(list(parts.values())).sum()

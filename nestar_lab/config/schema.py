@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from nestar_lab.flow import FlowConfig
+from nestar_lab.method.flow import FlowConfig
+from nestar_lab.method.sample import SampleConfig
 
 
 class Strict(BaseModel):
@@ -81,24 +82,6 @@ class TrainConfig(Strict):
     compile_backend: str = Field("inductor", description="torch.compile backend (eager: tracing only, for tests)")
 
 
-class SampleConfig(Strict):
-    """Sampling: guidance, temperature, batch size."""
-
-    cfg_scale: float = Field(2.0, ge=0)
-    cfg_schedule: Literal["constant", "linear"] = "constant"
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(256, ge=1)
-    capture: Literal["auto", "on", "off"] = Field(
-        "auto", description="replay each patch solve as one CUDA graph: auto = on CUDA with fixed-step solvers"
-    )
-
-    def scale_at(self, tokens_done: int, num_tokens: int) -> float:
-        """Guidance for a step after which ``tokens_done`` tokens exist (linear: 1 -> cfg_scale)."""
-        if self.cfg_schedule == "constant":
-            return self.cfg_scale
-        return 1.0 + (self.cfg_scale - 1.0) * tokens_done / num_tokens
-
-
 class EvalConfig(Strict):
     """How many samples the metrics see and with which seed."""
 
@@ -107,7 +90,7 @@ class EvalConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Where training batches come from (``nestar_lab/data.py``) and how the latent cache is made."""
+    """Where training batches come from (``nestar_lab/run/data.py``) and how the latent cache is made."""
 
     source: Literal["auto", "memory", "stream", "latent_cache"] = Field(
         "auto", description="auto: latent_cache when one is set, memory for in-memory datasets, else stream"

@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from nestar_lab import losses, sample
 from nestar_lab.interfaces import PassOptions, Plugin, Rows, ScaleModule, TokenSample
-from nestar_lab.schedule import Schedule, coordination_rows, gather_inputs, per_module  # noqa: F401  (public here too)
+from nestar_lab.method import losses, sample
+from nestar_lab.method.schedule import Schedule, coordination_rows
 
 _SCHEDULES: dict[tuple, Schedule] = {}  # Generator.schedule_for's memo, oldest first
 
@@ -43,7 +43,7 @@ class Generator(Plugin, nn.Module, ABC):
     @classmethod
     def schedule_for(cls, params, num_tokens: int) -> Schedule:
         """:meth:`build_schedule`, built once per generator class, params and token count (the
-        config check, :func:`~nestar_lab.experiment.build_experiment` and the constructor share
+        config check, :func:`~nestar_lab.run.experiment.build_experiment` and the constructor share
         it; a schedule is never changed once built)."""
         key = (cls, params.model_dump_json(), num_tokens)
         if key not in _SCHEDULES:
@@ -79,13 +79,14 @@ class Generator(Plugin, nn.Module, ABC):
         """Training losses (:meth:`training_losses`): the call DDP wraps."""
         return self.training_losses(tokens_BND, labels_B, flow, coordination, rng, options)
 
-    def sample_tokens(self, labels_B: Tensor, solver, cfg, rng, token_dim: int, autocast) -> TokenSample:
-        """Tokens for ``labels`` with their NFE (in all and per stage) and context passes.
-        ``solver`` and ``cfg`` (a ``SampleConfig``) are one for every stage or a sequence with
-        one per stage (``modules:``); :func:`per_module` picks a stage's. Default: the schedule
-        sampler (``sample.py``: KV cache, stages x steps); generators that re-encode override
-        this, and every sampler solves its patches with ``flow.solve_patch``."""
-        return sample.sample_tokens(self, labels_B, solver, cfg, rng, token_dim, autocast)
+    def sample_tokens(self, labels_B: Tensor, plan: sample.SamplingPlan, rng, token_dim: int) -> TokenSample:
+        """Tokens for ``labels`` with their NFE (in all and per stage) and context passes, each
+        stage sampled as ``plan[stage]`` says (its solver, guidance and capture). Default: the
+        schedule sampler (``sample.py``: KV cache, stages x steps). A generator brings its own loop
+        only when its steps are not a schedule of fixed rows (``mar``: per-image random orders and
+        re-encoding; ``dit``: no context network; ``var``: inputs upsampled from the previous scale);
+        every sampler solves its patches with ``flow.solve_patch``."""
+        return sample.sample_tokens(self, labels_B, plan, rng, token_dim)
 
     def time_groups(self, device: torch.device) -> Tensor | None:
         """Training draws one flow time per patch (the schedule's patch of each token) for the

@@ -15,7 +15,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from nestar_lab.study import StudySpec
+from nestar_lab.sweep.study import StudySpec
 
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 MAX_RETRIES = 3  # a lost trial is re-queued at most this many times (then a new trial is sampled)

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from nestar_lab.errors import ConfigError
-from nestar_lab.schema import ComponentSpec, ExperimentConfig
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.schema import ComponentSpec, ExperimentConfig
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ to rows of its own step and of earlier steps only (the block-causal mask).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -142,12 +142,6 @@ def single_step_schedule(num_tokens: int) -> Schedule:
 
 
 T = TypeVar("T")
-
-
-def per_module(setting: T | Sequence[T], stage: int) -> T:
-    """Stage ``stage``'s setting (a solver, a ``SampleConfig``): ``setting[stage]`` when one is
-    given per stage (a list or tuple), else ``setting`` itself."""
-    return setting[stage] if isinstance(setting, (list, tuple)) else setting
 
 
 def gather_inputs(tokens_BND: Tensor, src_idx: Tensor) -> Tensor:

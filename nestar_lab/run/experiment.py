@@ -9,8 +9,9 @@ from typing import Callable
 
 import torch
 
-from nestar_lab.config import ExperimentConfig, SampleConfig
-from nestar_lab.generator import Generator
+from nestar_lab.config.parts import data_parts, make
+from nestar_lab.config.registry import get_registry
+from nestar_lab.config.schema import ExperimentConfig
 from nestar_lab.interfaces import (
     CoordinationObjective,
     Dataset,
@@ -21,9 +22,8 @@ from nestar_lab.interfaces import (
     Tokenizer,
     TokenOrder,
 )
-from nestar_lab.parts import check_compatibility, check_modules, make  # noqa: F401  (public here too)
-from nestar_lab.parts import data_parts
-from nestar_lab.registry import get_registry
+from nestar_lab.method.generator import Generator
+from nestar_lab.method.sample import SampleConfig, SamplingPlan
 
 
 @dataclass
@@ -44,6 +44,11 @@ class Experiment:
     def autocast(self):
         """A context factory applying the run's precision."""
         return autocast_factory(self.device, self.cfg.train.precision)
+
+    def sampling_plan(self) -> SamplingPlan:
+        """How each module samples: its solver and settings (``modules:``), on this device, in
+        this precision, captured where possible (``sample.capture``)."""
+        return SamplingPlan.build(self.solvers, self.sample_configs(), self.device, self.autocast())
 
     def sample_configs(self) -> list[SampleConfig]:
         """One per module: ``sample`` with the module's ``cfg_scale`` (``modules:``)."""

@@ -11,9 +11,19 @@ from pathlib import Path
 
 import torch
 
-from nestar_lab.config import ExperimentConfig, TrainConfig
-from nestar_lab.errors import RunFailed
-from nestar_lab.rundir import CHECKPOINT, CONFIG, LOG, RESUMES, SUMMARY, json_safe, os_reason, write_run_config, write_text
+from nestar_lab.config.errors import RunFailed
+from nestar_lab.config.schema import ExperimentConfig, TrainConfig
+from nestar_lab.run.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    LOG,
+    RESUMES,
+    SUMMARY,
+    json_safe,
+    os_reason,
+    write_run_config,
+    write_text,
+)
 
 
 class TrainingFailed(RunFailed, RuntimeError):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from nestar_lab.config import COMPONENT_KINDS, ExperimentConfig
+from nestar_lab.config.schema import COMPONENT_KINDS, ExperimentConfig
 
 RESULTS_FILE = "results.csv"
 ID_COLUMNS = ("run_id", "time", "config_hash", "device", "run_dir")

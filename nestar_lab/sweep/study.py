@@ -22,7 +22,7 @@ A study file (YAML, in ``studies/``)::
 
 With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds and ``trials``
 defaults to every combination; ``nestar study report`` then prints each arm's paired difference
-from the reference arm over the seeds (``nestar_lab.paired``).
+from the reference arm over the seeds (``nestar_lab.sweep.paired``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nestar_lab.config import ConfigError, _error_lines, apply_overrides, read_yaml
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import apply_overrides, read_yaml
+from nestar_lab.config.validation import _error_lines
 
 
 class Strict(BaseModel):
@@ -245,6 +247,6 @@ def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
 
 
 def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A trial's ``{dotted.key: value}`` overrides set in ``raw``: :func:`nestar_lab.config.apply_overrides`,
+    """A trial's ``{dotted.key: value}`` overrides set in ``raw``: :func:`nestar_lab.config.validation.apply_overrides`,
     the one mechanism the CLI's ``--set`` uses too (a changed ``name`` drops the part's previous params)."""
     return apply_overrides(raw, overrides)

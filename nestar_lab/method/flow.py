@@ -10,9 +10,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from nestar_lab.capture import CaptureMode, static_solve
-from nestar_lab.capture import resolve as capture_resolve
 from nestar_lab.interfaces import ODESolver, SolveResult
+from nestar_lab.method.capture import CaptureMode, static_solve
+from nestar_lab.method.capture import resolve as capture_resolve
 
 
 class FlowConfig(BaseModel):
@@ -110,7 +110,7 @@ def solve_patch(
     unconditional half is dropped, not computed.
 
     ``capture`` (``sample.capture``): ``auto`` replays the solve as one CUDA graph where that is
-    possible (CUDA and a fixed-step solver; :mod:`nestar_lab.capture`), ``on`` insists, ``off``
+    possible (CUDA and a fixed-step solver; :mod:`nestar_lab.method.capture`), ``on`` insists, ``off``
     runs eagerly; ``True`` takes the static-buffer path on any device (graph on CUDA only). The
     noise is drawn here, outside any graph, so captured and eager solves see the same noise.
     """

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from nestar_lab.experiment import Experiment
+from nestar_lab.run.experiment import Experiment
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
@@ -111,7 +111,7 @@ def _streamed_batches(exp: Experiment, step: int, rank: int, world: int):
 
 
 def _cached_batches(exp: Experiment, step: int, rank: int, world: int):
-    from nestar_lab.latent_cache import LatentCache, cache_dir_for
+    from nestar_lab.run.latent_cache import LatentCache, cache_dir_for
 
     cache = LatentCache.open(cache_dir_for(exp.cfg), exp.cfg)
     bs, seed = exp.cfg.train.batch_size, exp.cfg.seed

@@ -19,15 +19,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nestar_lab import distributed
-from nestar_lab.config import ExperimentConfig, TrainConfig
-from nestar_lab.data import batch_indices, train_batches  # noqa: F401  (batch_indices: public here too)
-from nestar_lab.errors import exit_code_for_signal
-from nestar_lab.experiment import Experiment, build_experiment
+from nestar_lab.config.errors import exit_code_for_signal
+from nestar_lab.config.schema import ExperimentConfig, TrainConfig
 from nestar_lab.interfaces import PassOptions
-from nestar_lab.optim import EMA, decay_groups, lr_factor, make_optimizer, skip_step_if  # noqa: F401  (public here too)
-from nestar_lab.step_records import NonfiniteGuard
-from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too)
+from nestar_lab.run import distributed
+from nestar_lab.run.data import train_batches
+from nestar_lab.run.experiment import Experiment, build_experiment
+from nestar_lab.run.optim import EMA, lr_factor, make_optimizer, skip_step_if
+from nestar_lab.run.runbook import (
     TrainingFailed,
     append_log,
     book_from_summary,
@@ -37,7 +36,7 @@ from nestar_lab.runbook import (  # noqa: F401  (TrainingFailed: public here too
     streak_message,
     writing,
 )
-from nestar_lab.rundir import (
+from nestar_lab.run.rundir import (
     CHECKPOINT,
     LOG,
     SUMMARY,
@@ -49,6 +48,7 @@ from nestar_lab.rundir import (
     save_checkpoint,
     write_json,
 )
+from nestar_lab.run.step_records import NonfiniteGuard
 
 
 class TrainingInterrupted(RuntimeError):
@@ -113,7 +113,7 @@ def train(
     """Train ``cfg`` in ``run_dir`` (a new one when None); ``resume`` continues its checkpoint.
 
     A ``run_dir`` that already holds a run is refused unless ``resume`` or ``overwrite`` (which
-    clears the old run first); it must be writable (:class:`~nestar_lab.rundir.RunDirError`).
+    clears the old run first); it must be writable (:class:`~nestar_lab.run.rundir.RunDirError`).
     Resuming cuts ``train_log.jsonl`` back to the checkpoint's step, records config changes
     (``config.yaml`` rewritten, an entry in ``resumes.jsonl``; ``overrides``: the ``--set``
     items that made them), and a run already at ``train.steps`` is returned untouched
@@ -217,8 +217,8 @@ def train(
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
             tokens, labels = next(batches)
-            out, nonfinite = _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info,
-                                           hold=guard.hold)  # fmt: skip
+            out, nonfinite = train_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info,
+                                        hold=guard.hold)  # fmt: skip
             guard.note(step + 1, out.parts, out.total, nonfinite, tc.lr * lr_factor(step, tc))
             step += 1
             bar.update(1)
@@ -325,23 +325,17 @@ def active_stages(step: int, num_stages: int, cfg: TrainConfig) -> set[int] | No
     return {step * num_stages // pretrain}
 
 
-def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None, rank: int = 0):
-    """One optimiser step at ``step`` on a batch of tokens: label dropout, losses (one forward
-    pass per module, through ``model``: the generator or its DDP wrapper), clip, AdamW, EMA.
-    A step whose loss or gradient is not finite changes nothing (see :func:`_guarded_step`).
+def train_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None,
+               rank: int = 0, info: distributed.DistInfo | None = None, hold: Tensor | None = None):  # fmt: skip
+    """THE training step at ``step`` on a batch of tokens: label dropout, every module's losses
+    (one forward pass per module, through ``model``: the generator or its DDP wrapper; on logging
+    steps the modules' disagreement too), backward, clipping, the non-finite guard, AdamW, EMA.
 
-    On logging steps the velocity disagreement of adjacent modules is measured too.
-    """
-    return _guarded_step(exp, opt, ema, tokens, labels, step, model=model, rank=rank)[0]
-
-
-def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor, step: int, model=None,
-                  rank: int = 0, info: distributed.DistInfo | None = None, hold: Tensor | None = None):  # fmt: skip
-    """:func:`train_step`, returning ``(losses, nonfinite)``: ``nonfinite`` is a 0-dim bool on
-    the device, true when the total loss or the gradient norm is not finite (on any rank). Such a
-    step, or any step while ``hold`` is true (a streak at its limit), changes nothing: the fused
-    optimiser is told on the device (``found_inf``) and the EMA holds still. Nothing here reads a
-    device value on the host, so on a GPU the CPU runs ahead (``NonfiniteGuard`` reads later)."""
+    Returns ``(losses, nonfinite)``: ``nonfinite`` is a 0-dim bool on the device, true when the
+    total loss or the gradient norm is not finite (on any rank). Such a step, or any step while
+    ``hold`` is true (a streak at its limit), changes nothing: the fused optimiser is told on the
+    device (``found_inf``) and the EMA holds still. Nothing here reads a device value on the host,
+    so on a GPU the CPU runs ahead (``NonfiniteGuard`` reads later)."""
     cfg, tc, device = exp.cfg, exp.cfg.train, exp.device
     model = model if model is not None else exp.generator
     rng = step_generator(cfg.seed, step, device, rank)
@@ -354,7 +348,7 @@ def _guarded_step(exp: Experiment, opt, ema: EMA, tokens: Tensor, labels: Tensor
     with exp.autocast()():
         out = model(
             tokens, y, cfg.flow, exp.coordination, rng,
-            PassOptions(stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0),
+            PassOptions(stages=stages, measure_disagreement=(step + 1) % tc.log_every == 0, step=step),
         )  # fmt: skip
     opt.zero_grad(set_to_none=True)
     out.total.backward()
@@ -406,7 +400,7 @@ def load_trained(run_dir: str | Path, use_ema: bool = True, cfg: ExperimentConfi
 
     ``cfg`` replaces the saved config (e.g. another solver or guidance scale for sampling).
     """
-    from nestar_lab.rundir import load_run_config
+    from nestar_lab.run.rundir import load_run_config
 
     exp = build_experiment(cfg or load_run_config(run_dir))
     state = load_checkpoint(run_dir, map_location=exp.device)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import pluggy
 
 from nestar_lab import hookspecs
-from nestar_lab.errors import BadInput, one_line
+from nestar_lab.config.errors import BadInput, one_line
 from nestar_lab.hookspecs import KINDS, PROJECT, hook_name
 from nestar_lab.interfaces import Plugin
 
@@ -147,7 +147,7 @@ def _wrong_kind(kind: str, name: str, cls: Any) -> str | None:
         return None
     what = f"a {found} plugin" if found else "no nestar_lab plugin class"
     return (f"{kind} {name!r} is {cls.__module__}.{cls.__qualname__}, {what}; {kind} plugins subclass "
-            f"the {kind} interface (nestar_lab.interfaces, or nestar_lab.generator.Generator)")
+            f"the {kind} interface (nestar_lab.interfaces, or nestar_lab.method.generator.Generator)")
 
 
 def _duplicate_message(kind: str, name: str, providers: list[str]) -> str:

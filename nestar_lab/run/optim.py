@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from nestar_lab.experiment import Experiment
-from nestar_lab.schema import TrainConfig
+from nestar_lab.config.schema import TrainConfig
+from nestar_lab.run.experiment import Experiment
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

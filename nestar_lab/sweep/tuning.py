@@ -42,19 +42,19 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from nestar_lab.config import ConfigError, read_yaml, validate_config
-from nestar_lab.storage import (  # noqa: F401  (re-exported: the study API lives here)
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.config.overrides import read_yaml
+from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.storage import (
     FINISHED,
     StudyFailed,
+    _retry_now,
     default_storage,
     fail_stale,
-    make_storage,
     open_study,
     tally,
-    _retry_now,
 )
-from nestar_lab.study import StudySpec, apply_dotted, trial_overrides
-from nestar_lab.study_report import StudyReport, report, trials_table  # noqa: F401  (re-exported)
+from nestar_lab.sweep.study import StudySpec, apply_dotted, trial_overrides
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -77,7 +77,7 @@ class Objective:
         self.interrupted: BaseException | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        from nestar_lab.train import TrainingInterrupted
+        from nestar_lab.run.train import TrainingInterrupted
 
         if self.target is not None and self._surplus(trial):
             trial.set_user_attr("surplus", f"the study already holds or runs {self.target} trials")
@@ -114,9 +114,9 @@ class Objective:
         return ahead >= self.target
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
-        from nestar_lab.evaluate import evaluate
-        from nestar_lab.rundir import CHECKPOINT
-        from nestar_lab.train import load_trained, train
+        from nestar_lab.run.evaluate import evaluate
+        from nestar_lab.run.rundir import CHECKPOINT
+        from nestar_lab.run.train import load_trained, train
 
         frozen = trial.study._storage.get_trial(trial._trial_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process runs it
@@ -165,9 +165,9 @@ class Objective:
         import fcntl
         import shutil
 
-        from nestar_lab.results import config_hash
-        from nestar_lab.rundir import CHECKPOINT, new_run_dir
-        from nestar_lab.train import train
+        from nestar_lab.run.results import config_hash
+        from nestar_lab.run.rundir import CHECKPOINT, new_run_dir
+        from nestar_lab.run.train import train
 
         training_cfg = cfg.model_copy(update={"name": f"{self.spec.name}-shared", "metrics": []})
         modules = {n: e.model_copy(update={"ode_solver": None, "cfg_scale": None}) for n, e in cfg.modules.items()}
@@ -198,7 +198,7 @@ class Objective:
         def report_step(step: int, exp) -> None:
             if not every or step % every or not single:
                 return
-            from nestar_lab.train import validation_loss
+            from nestar_lab.run.train import validation_loss
 
             if step not in trial.study._storage.get_trial(trial._trial_id).intermediate_values:
                 trial.report(validation_loss(exp), step)  # a resumed retry has its origin's reports

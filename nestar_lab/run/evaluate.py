@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from nestar_lab.experiment import Experiment
-from nestar_lab import distributed
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
-from nestar_lab.results import append_run
-from nestar_lab.rundir import write_json
-from nestar_lab.sample import Sampler
+from nestar_lab.method.sample import Sampler
+from nestar_lab.run import distributed
+from nestar_lab.run.experiment import Experiment
+from nestar_lab.run.results import append_run
+from nestar_lab.run.rundir import write_json
 
 
 def cache_root() -> Path:
@@ -26,7 +26,7 @@ def cache_root() -> Path:
 
 def make_sampler(exp: Experiment) -> Sampler:
     """The run's sampler (its solvers and guidance, per module, and its precision)."""
-    return Sampler(exp.generator, exp.tokenizer, exp.order, exp.solvers, exp.sample_configs(), exp.autocast())
+    return Sampler(exp.generator, exp.tokenizer, exp.order, exp.sampling_plan())
 
 
 def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[str, Any]:
