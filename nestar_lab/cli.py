@@ -36,6 +36,28 @@ from nestar_lab.config.validation import validate_config
 _context: dict[str, str | None] = {"batch": None}
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer of at least 1 (0 or a negative count is refused, not ignored)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestar", description="Nested AutoRegressive models: a research sandbox")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: NESTAR_DEBUG=1)")
@@ -54,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--run-dir", help="where to put the run (default: output_dir/name-time)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in --run-dir (its files are removed)")
-    t.add_argument("--distributed", type=int, metavar="N", default=None,
+    t.add_argument("--distributed", type=_at_least_one, metavar="N", default=None,
                    help="launch N processes with torchrun on this machine (DDP; one per GPU)")  # fmt: skip
     add_set(t)
 
@@ -70,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write a grid of samples (one row per class)")
     s.add_argument("run_dir")
-    s.add_argument("--num", type=int, default=100, help="images in all (split evenly over classes)")
+    s.add_argument("--num", type=_at_least_one, default=100, help="images in all (split evenly over classes)")
     s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/grid.png)")
     s.add_argument("--seed", type=int, default=0)
     add_set(s)
@@ -99,10 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     st_sub.add_parser = lambda *a, **kw: _add_study_parser(*a, parents=[debug, *kw.pop("parents", [])], **kw)
     sr = st_sub.add_parser("run", help="run (or continue) a study")
     sr.add_argument("study", help="studies/NAME.yaml or NAME")
-    sr.add_argument("--trials", type=int, default=None, help="total trials (default: the study's)")
-    sr.add_argument("--timeout", type=float, default=None, help="seconds")
+    sr.add_argument("--trials", type=_at_least_one, default=None, help="total trials (default: the study's)")
+    sr.add_argument("--timeout", type=_positive_seconds, default=None, help="seconds")
     sr.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: SQLite in the study dir)")
-    sr.add_argument("--workers", type=int, default=1, help="processes sharing the storage")
+    sr.add_argument("--workers", type=_at_least_one, default=1, help="processes sharing the storage")
     sp = st_sub.add_parser("report", help="best trials, trials x metrics table, plots")
     sp.add_argument("study")
     sp.add_argument("--storage", default=None)
@@ -297,6 +319,9 @@ def cmd_sample(args) -> int:
     exp = load_trained(args.run_dir, cfg=cfg)
     classes = exp.dataset.num_classes
     per_class = max(1, args.num // classes)
+    if per_class * classes != args.num:  # one row per class: say what is written instead
+        print(f"--num {args.num}: {classes} classes, one row each, so {per_class * classes} images "
+              f"({per_class} per class)", file=sys.stderr)  # fmt: skip
     labels = torch.arange(classes).repeat_interleave(per_class)
     sampler = make_sampler(exp)
     print(sampler.path, file=sys.stderr)

@@ -119,7 +119,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch
 
     saved = []
     real_save = rundir.save_checkpoint
-    monkeypatch.setattr("nestar_lab.run.train.save_checkpoint", lambda d, s: (saved.append(s["step"]), real_save(d, s)))
+    monkeypatch.setattr("nestar_lab.run.runbook.save_checkpoint", lambda d, s: (saved.append(s["step"]), real_save(d, s)))
     result = train(tiny_cfg, tmp_path / "run", progress=False, callbacks=[snapshot])
     assert result.nonfinite_skipped == 2 and result.steps == 6
     for step in (2, 3):  # skipped steps leave the weights as the last good step made them
@@ -146,7 +146,7 @@ def test_a_streak_of_nonfinite_steps_fails_and_keeps_the_last_good_checkpoint(ti
         real_save(d, s)
         written.append((s["step"], (Path(d) / CHECKPOINT).read_bytes()))
 
-    monkeypatch.setattr("nestar_lab.run.train.save_checkpoint", save)
+    monkeypatch.setattr("nestar_lab.run.runbook.save_checkpoint", save)
     run = tmp_path / "run"
     code, _, err = _cli(capsys, "train", _config_file(tiny_raw, tmp_path / "c.yaml"), "--run-dir", run)
     assert code == 1
@@ -365,3 +365,29 @@ def test_training_failed_is_a_run_failure():
     assert issubclass(TrainingFailed, RunFailed) and TrainingFailed("x").exit_code == 1
     assert issubclass(rundir.RunDirError, ValueError) and rundir.RunDirError("x").exit_code == 2
     assert issubclass(rundir.CheckpointError, ValueError) and rundir.CheckpointError("x").exit_code == 2
+
+
+def test_sample_says_when_num_is_rounded_to_whole_rows(run, capsys):
+    code, out, err = _cli(capsys, "sample", run, "--num", "25", "--out", run / "g.png")
+    assert code == 0 and "--num 25: 10 classes, one row each, so 20 images (2 per class)" in err
+    assert "20 images in" in out
+
+
+@pytest.mark.parametrize("argv", [["sample", "RUN", "--num", "0"], ["sample", "RUN", "--num", "-5"],
+                                  ["train", "CFG", "--distributed", "0"]])  # fmt: skip
+def test_counts_below_one_are_refused_not_defaulted(argv, run, tiny_raw, tmp_path, capsys):
+    argv = [str(run) if a == "RUN" else str(_config_file(tiny_raw, tmp_path / "c.yaml")) if a == "CFG" else a
+            for a in argv]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "expected an integer of at least 1" in capsys.readouterr().err
+    assert not (run / "grid.png").exists()
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tiny_raw, tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw) + "seed: 3\n")  # seed: 0 is already in the file
+    code, _, err = _cli(capsys, "train", path, "--run-dir", tmp_path / "r")
+    line = _one_line(err)
+    assert code == 2 and "duplicate key 'seed'" in line and str(path) in line
+    assert not (tmp_path / "r").exists()

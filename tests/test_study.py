@@ -347,3 +347,36 @@ def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fiel
     with pytest.raises(ConfigError) as info:
         write_study(tmp_path, tiny_raw, **fields)
     assert len(info.value.lines) == 1 and message in info.value.lines[0], info.value.lines
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"space": {"train.no_such_knob": {"choices": [1, 2]}}}, "space.train.no_such_knob"),
+    ({"space": {"no_such_section.x": {"float": [0.1, 1.0]}}}, "space.no_such_section.x"),
+    ({"overrides": {"scale_module.params.nope": 3}}, "overrides.scale_module.params.nope"),
+])  # fmt: skip
+def test_a_key_that_is_no_config_field_is_refused_before_any_trial(fields, where, tmp_path, tiny_raw):
+    from nestar_lab.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, **fields)
+    (line,) = info.value.lines
+    assert f"{where}: not a field of the base config" in line
+
+
+def test_an_empty_space_is_refused(tmp_path, tiny_raw):
+    from nestar_lab.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="space: empty"):
+        write_study(tmp_path, tiny_raw, space={})
+
+
+@pytest.mark.parametrize("flag, value", [("--trials", "0"), ("--trials", "-3"), ("--workers", "0"), ("--timeout", "-5"),
+                                         ("--timeout", "nan")])  # fmt: skip
+def test_study_run_refuses_counts_that_run_nothing(flag, value, tmp_path, tiny_raw, capsys):
+    spec = write_study(tmp_path, tiny_raw)
+    with pytest.raises(SystemExit) as info:
+        main(["study", "run", str(spec.source), flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and ("at least 1" in err or "positive number of seconds" in err)
+    assert not spec.study_dir.exists() or not any(spec.study_dir.iterdir()), "the study was created"

@@ -149,7 +149,25 @@ def _set_dotted(raw: dict[str, Any], parts: list[str], value: Any, label: str) -
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: ``3e-4`` and ``1.0e5`` are numbers, not strings."""
+    """PyYAML's safe loader with YAML 1.2 floats (``3e-4`` and ``1.0e5`` are numbers, not strings)
+    that refuses a key given twice in one mapping (YAML says keys are unique; PyYAML would keep
+    the last value without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if earlier is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, first on line "
+                        f"{earlier + 1}): keep one", key_node.start_mark)  # fmt: skip
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.add_implicit_resolver(

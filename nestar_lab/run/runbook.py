@@ -1,18 +1,22 @@
 """Run bookkeeping for the training loop: the step log, resume records, guarded writes and the
-failures they raise. Everything here reads or writes a run directory's files; the loop itself
-(``train.py``) decides when."""
+failures they raise, and :class:`RunBook`, which keeps one segment's books (streaks, held-back
+checkpoints, segments, step times). Everything here reads or writes a run directory's files; the
+loop itself (``train.py``) decides when."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from nestar_lab.config.errors import RunFailed
 from nestar_lab.config.schema import ExperimentConfig, TrainConfig
+from nestar_lab.run import distributed
 from nestar_lab.run.rundir import (
     CHECKPOINT,
     CONFIG,
@@ -21,9 +25,12 @@ from nestar_lab.run.rundir import (
     SUMMARY,
     json_safe,
     os_reason,
+    save_checkpoint,
+    write_json,
     write_run_config,
     write_text,
 )
+from nestar_lab.run.step_records import NonfiniteGuard
 
 
 class TrainingFailed(RunFailed, RuntimeError):
@@ -145,3 +152,110 @@ def append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float, ex
     row = json_safe({"step": step, "lr": lr, **losses, **(extra or {})})
     with open(run_dir / LOG, "a") as f:
         f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+class RunBook:
+    """The bookkeeping of one training segment, so that ``train()`` reads as the loop: the run so
+    far (seconds and segments of earlier segments, from the checkpoint), this segment, the
+    non-finite count and streak (kept on the device between reads, :class:`NonfiniteGuard`), the
+    checkpoint that falls due during a streak (written at the next good step), the last good
+    checkpoint, the logged losses and the step times.
+
+    Rank 0 alone writes; every rank keeps the same book (their weights and flags are equal)."""
+
+    def __init__(self, run_dir: Path, tc: TrainConfig, info, device: torch.device, step: int,
+                 state: dict | None, changes: dict, bar) -> None:  # fmt: skip
+        book = {"seconds": 0.0, "segments": [], "nonfinite_skipped": 0, "nonfinite_streak": 0}
+        if state is not None:
+            book.update(state.get("run") or book_from_summary(run_dir))
+        self.run_dir, self.tc, self.info, self.device, self.bar = run_dir, tc, info, device, bar
+        self.earlier_seconds, self.earlier_segments = float(book["seconds"]), list(book["segments"])
+        self.segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step,
+                        "seconds": 0.0} | ({"changes": changes} if changes else {})  # fmt: skip
+        self.skipped, self.streak = int(book["nonfinite_skipped"]), int(book["nonfinite_streak"])
+        self.last_good = step if state is not None else None  # the step of the checkpoint on disk
+        self.guard = NonfiniteGuard(device, self.streak, tc.max_nonfinite_steps)
+        self.pending = False  # a checkpoint fell due while non-finite steps were being skipped
+        self.last: dict[str, float] = {}
+        self.times: list[float] = []  # seconds per step, spread evenly over the steps between two reads
+        self.start = self.read_at = time.perf_counter()
+
+    def note(self, step: int, out, nonfinite: Tensor, lr: float) -> None:
+        """Keep step ``step``'s losses and flag on the device (no read)."""
+        self.guard.note(step, out.parts, out.total, nonfinite, lr)
+
+    def catch_up(self) -> None:
+        """Read the steps the device kept (one sync): count skips and the streak, write their log
+        lines, and fail at the step where a streak reached its limit (the device froze there)."""
+        records = self.guard.read()
+        if not records:
+            return
+        now = time.perf_counter()
+        self.times.extend([(now - self.read_at) / len(records)] * len(records))
+        self.read_at = now
+        tc, run_dir = self.tc, self.run_dir
+        for rec in records:
+            self.streak = self.streak + 1 if rec.nonfinite else 0
+            self.skipped += rec.nonfinite
+            if rec.step % tc.log_every == 0 or rec.step == tc.steps or rec.nonfinite:
+                self.last = rec.losses
+                self.bar.set_postfix(loss=f"{self.last['total']:.4f}", refresh=False)
+                if self.info.is_main:
+                    extra = {"nonfinite_skipped": self.skipped} | ({"skipped": True} if rec.nonfinite else {})
+                    with writing(run_dir / LOG, run_dir, self.last_good, "log not written"):
+                        append_log(run_dir, rec.step, self.last, rec.lr, extra)
+            if self.streak >= tc.max_nonfinite_steps:
+                self.bar.close()
+                raise TrainingFailed(streak_message(run_dir, rec.step, self.streak, tc, self.last_good), run_dir,
+                                     rec.step)  # fmt: skip
+
+    def due(self, step: int) -> bool:
+        """A checkpoint falls due after ``step``: ``checkpoint_every``, the last step, or one held back."""
+        return step % self.tc.checkpoint_every == 0 or step == self.tc.steps or self.pending
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether to write a checkpoint after ``step``: one is :meth:`due` and no streak of skipped
+        steps is running (it waits for the next good step)."""
+        if not self.due(step):
+            return False
+        self.catch_up()
+        self.pending = self.streak > 0 and step < self.tc.steps
+        return not self.pending
+
+    def checkpoint(self, step: int, gen, opt, ema) -> None:
+        """Write the checkpoint of ``step`` atomically, with the run's book; refuse non-finite weights."""
+        self.catch_up()  # the book a checkpoint carries is read first
+        run_dir = self.run_dir
+        self.segment.update(end_step=step, seconds=time.perf_counter() - self.start)
+        check_weights_finite(gen, ema, run_dir, step, self.last_good)  # every rank: their weights are equal
+        error = None
+        if self.info.is_main:
+            run = {"seconds": self.earlier_seconds + self.segment["seconds"],
+                   "segments": [*self.earlier_segments, dict(self.segment)],
+                   "nonfinite_skipped": self.skipped, "nonfinite_streak": self.streak}  # fmt: skip
+            state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
+                     "run": run}  # fmt: skip
+            try:
+                with writing(run_dir / CHECKPOINT, run_dir, self.last_good, "checkpoint not written"):
+                    save_checkpoint(run_dir, state)
+            except TrainingFailed as exc:
+                error = exc
+        if distributed.any_flag(error is not None, self.info, self.device):
+            raise error or TrainingFailed(f"rank 0 could not write {run_dir / CHECKPOINT} (see its message)",
+                                          run_dir, step)  # fmt: skip
+        self.last_good = step
+
+    def finish(self, step: int) -> dict:
+        """The segment's end: ``train_summary.json`` (rank 0) and what it says."""
+        seconds = time.perf_counter() - self.start
+        warm = self.times[min(10, len(self.times) // 2) :] or self.times
+        summary = {"steps": step, "seconds": self.earlier_seconds + seconds,
+                   "step_ms_median": 1000 * statistics.median(warm) if warm else 0.0, "final_loss": self.last,
+                   "world_size": self.info.world, "effective_batch_size": self.info.world * self.tc.batch_size,
+                   "nonfinite_skipped": self.skipped}  # fmt: skip
+        if self.info.is_main:
+            self.segment.update(end_step=step, seconds=seconds)
+            history = [*self.earlier_segments, self.segment]
+            with writing(self.run_dir / SUMMARY, self.run_dir, self.last_good, "summary not written"):
+                write_json(self.run_dir / SUMMARY, summary | {"segments": len(history), "segment_history": history})
+        return summary | {"segment_seconds": seconds}

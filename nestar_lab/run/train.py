@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,29 +24,16 @@ from nestar_lab.run import distributed
 from nestar_lab.run.data import train_batches
 from nestar_lab.run.experiment import Experiment, build_experiment
 from nestar_lab.run.optim import EMA, lr_factor, make_optimizer, skip_step_if
-from nestar_lab.run.runbook import (
-    TrainingFailed,
-    append_log,
-    book_from_summary,
-    check_weights_finite,
-    cut_log,
-    record_resume,
-    streak_message,
-    writing,
-)
+from nestar_lab.run.runbook import RunBook, TrainingFailed, cut_log, record_resume, writing
 from nestar_lab.run.rundir import (
-    CHECKPOINT,
-    LOG,
     SUMMARY,
     RunDirError,
     check_checkpoint_fits,
     check_writable,
     load_checkpoint,
     new_run_dir,
-    save_checkpoint,
     write_json,
 )
-from nestar_lab.run.step_records import NonfiniteGuard
 
 
 class TrainingInterrupted(RuntimeError):
@@ -138,122 +123,48 @@ def train(
     gen, device = exp.generator, exp.device
     model = _wrap_ddp(exp, info)
     opt, ema = make_optimizer(exp)
-    step = 0
-    book = {"seconds": 0.0, "segments": [], "nonfinite_skipped": 0, "nonfinite_streak": 0}
-    changes: dict = {}
+    step, changes = 0, {}
     if state is not None:
         check_checkpoint_fits(state, gen.state_dict(), run_dir)
         gen.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
         step = int(state["step"])
-        book.update(state.get("run") or book_from_summary(run_dir))
         if info.is_main:
             changes = record_resume(cfg, run_dir, step, overrides)
             cut_log(run_dir, step)
-    segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step, "seconds": 0.0}
-    if changes:
-        segment["changes"] = changes
-    skipped_total, streak = int(book["nonfinite_skipped"]), int(book["nonfinite_streak"])
-    last_good = step if state is not None else None  # step of the checkpoint on disk
-    guard = NonfiniteGuard(device, streak, tc.max_nonfinite_steps)
-    start = time.perf_counter()
-    times: list[float] = []  # seconds per step, spread evenly over the steps between two reads
-    last: dict[str, float] = {}
-    read_at = [start]
-
-    def catch_up():
-        """Read the steps the device has kept (one sync): count skips and streaks, write their log
-        lines, and fail at the step where a streak reached its limit (the device froze there)."""
-        nonlocal streak, skipped_total, last
-        records = guard.read()
-        if not records:
-            return
-        now = time.perf_counter()
-        times.extend([(now - read_at[0]) / len(records)] * len(records))
-        read_at[0] = now
-        for rec in records:
-            streak = streak + 1 if rec.nonfinite else 0
-            skipped_total += rec.nonfinite
-            if rec.step % tc.log_every == 0 or rec.step == tc.steps or rec.nonfinite:
-                last = rec.losses
-                bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
-                if info.is_main:
-                    extra = {"nonfinite_skipped": skipped_total} | ({"skipped": True} if rec.nonfinite else {})
-                    with writing(run_dir / LOG, run_dir, last_good, "log not written"):
-                        append_log(run_dir, rec.step, last, rec.lr, extra)
-            if streak >= tc.max_nonfinite_steps:
-                bar.close()
-                raise TrainingFailed(streak_message(run_dir, rec.step, streak, tc, last_good), run_dir, rec.step)
-
-    def checkpoint():
-        nonlocal last_good
-        catch_up()  # the book a checkpoint carries is read first
-        segment.update(end_step=step, seconds=time.perf_counter() - start)
-        check_weights_finite(gen, ema, run_dir, step, last_good)  # every rank: their weights are equal
-        error = None
-        if info.is_main:
-            run = {"seconds": book["seconds"] + segment["seconds"], "segments": [*book["segments"], dict(segment)],
-                   "nonfinite_skipped": skipped_total, "nonfinite_streak": streak}  # fmt: skip
-            state = {"step": step, "model": gen.state_dict(), "optimizer": opt.state_dict(), "ema": ema.shadow,
-                     "run": run}  # fmt: skip
-            try:
-                with writing(run_dir / CHECKPOINT, run_dir, last_good, "checkpoint not written"):
-                    save_checkpoint(run_dir, state)
-            except TrainingFailed as exc:
-                error = exc
-        if distributed.any_flag(error is not None, info, device):
-            raise error or TrainingFailed(f"rank 0 could not write {run_dir / CHECKPOINT} (see its message)",
-                                          run_dir, step)  # fmt: skip
-        last_good = step
-
     batches = train_batches(exp, step, info.rank, info.world)
     if info.is_main and info.enabled:
         print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
               f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
     bar = _progress(tc.steps, step, progress and info.is_main)
-    pending = False  # a checkpoint due while non-finite steps were being skipped
+    book = RunBook(run_dir, tc, info, device, step, state, changes, bar)  # streaks, checkpoints, segments
     gen.train()
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:
             tokens, labels = next(batches)
             out, nonfinite = train_step(exp, opt, ema, tokens, labels, step, model=model, rank=info.rank, info=info,
-                                        hold=guard.hold)  # fmt: skip
-            guard.note(step + 1, out.parts, out.total, nonfinite, tc.lr * lr_factor(step, tc))
+                                        hold=book.guard.hold)  # fmt: skip
+            book.note(step + 1, out, nonfinite, tc.lr * lr_factor(step, tc))
             step += 1
             bar.update(1)
-            due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps or pending
             stopping = stop_at_step is not None and step >= stop_at_step and step < tc.steps
-            if step % tc.log_every == 0 or due_checkpoint or stopping or stop.requested:
-                catch_up()
+            if step % tc.log_every == 0 or book.due(step) or stopping or stop.requested:
+                book.catch_up()  # the one read of the device's flags and losses since the last
             for callback in callbacks:
                 callback(step, exp)
-            if due_checkpoint:
-                pending = streak > 0 and step < tc.steps  # no checkpoint while a streak lasts
-                if not pending:
-                    checkpoint()
+            if book.checkpoint_due(step):
+                book.checkpoint(step, gen, opt, ema)
             if distributed.any_flag(stop.requested or stopping, info, device):
-                checkpoint()
+                book.checkpoint(step, gen, opt, ema)
                 bar.close()
                 distributed.barrier(info)
                 raise TrainingInterrupted(run_dir, step, stop.signum)
     bar.close()
-    seconds = time.perf_counter() - start
-    warm = times[min(10, len(times) // 2) :] or times
-    total = book["seconds"] + seconds
-    result = TrainResult(run_dir, step, seconds, 1000 * statistics.median(warm) if warm else 0.0, last,
-                         skipped_total, total)  # fmt: skip
-    if info.is_main:
-        segment.update(end_step=step, seconds=seconds)
-        history = [*book["segments"], segment]
-        summary = {"steps": step, "seconds": total, "step_ms_median": result.step_ms_median, "final_loss": last,
-                   "world_size": info.world, "effective_batch_size": info.world * tc.batch_size,
-                   "nonfinite_skipped": skipped_total, "segments": len(history),
-                   "segment_history": history}  # fmt: skip
-        with writing(run_dir / SUMMARY, run_dir, last_good, "summary not written"):
-            write_json(run_dir / SUMMARY, summary)
+    done = book.finish(step)
     distributed.barrier(info)
-    return result
+    return TrainResult(run_dir, step, done["segment_seconds"], done["step_ms_median"], done["final_loss"],
+                       done["nonfinite_skipped"], done["seconds"])  # fmt: skip
 
 
 def _already_finished(run_dir: Path, state: dict, tc: TrainConfig, info: distributed.DistInfo) -> TrainResult:

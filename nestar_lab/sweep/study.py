@@ -183,6 +183,8 @@ class StudySpec(Strict):
                 raise ValueError(f"reference: keys {sorted(unknown)} are not in the search space")
             if self.arms and not any(all(a.get(k) == v for k, v in self.reference.items()) for a in self.arms):
                 raise ValueError(f"reference: {self.reference} is none of the arms")
+        if not self.space:
+            raise ValueError("space: empty; a study must search at least one config key")
         if self.seeds and len(self.space) == 1 and not self.arms:
             raise ValueError("seeds: the space searches nothing but the seed; add the keys to compare")
         return self
@@ -232,7 +234,47 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     spec = spec.model_copy(update={"source": path})
     if not spec.base_path().is_file():
         raise ConfigError([f"{path}: base config {spec.base_path()} not found"])
+    problems = unknown_keys(spec)
+    if problems:
+        raise ConfigError([f"{path}: {line}" for line in problems])
     return spec
+
+
+def unknown_keys(spec: StudySpec) -> list[str]:
+    """Searched or fixed keys that are no field of the base config: found before any trial (a
+    trial would only be pruned for it). Each key is set alone, to its first value, on the base;
+    a validation problem at that key (not one the base has already) names it. Values that fail
+    only in combination (``k = 3`` for 64 tokens) stay a trial's business: they are pruned."""
+    from nestar_lab.config.validation import validate_config
+
+    base = read_yaml(spec.base_path())
+
+    def problems(overrides: dict[str, Any]) -> set[str]:
+        try:
+            validate_config(apply_overrides(base, overrides))
+        except ConfigError as exc:
+            return set(exc.lines)
+        except ValueError as exc:  # an override that cannot be applied (a key under a non-mapping)
+            return {str(exc)}
+        return set()
+
+    known = problems({})
+    lines = []
+    for where, key, value in [("overrides", k, v) for k, v in spec.overrides.items()] + [
+        ("space", k, first_value(p)) for k, p in spec.space.items()
+    ]:
+        new = [line for line in problems({key: value}) - known if line.split(":")[0] in key or key in line]
+        if any("extra inputs are not permitted" in line for line in new):
+            lines.append(f"{where}.{key}: not a field of the base config {spec.base}; check the spelling "
+                         f"(`nestar describe` and the README list the config's sections)")  # fmt: skip
+    return lines
+
+
+def first_value(space: ParamSpace) -> Any:
+    """A value the space can propose: its first choice, or its lower bound."""
+    if space.choices is not None:
+        return space.choices[0]
+    return (space.int_range or space.float_range)[0]
 
 
 def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
