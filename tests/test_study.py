@@ -380,3 +380,9 @@ def test_study_run_refuses_counts_that_run_nothing(flag, value, tmp_path, tiny_r
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and ("at least 1" in err or "positive number of seconds" in err)
     assert not spec.study_dir.exists() or not any(spec.study_dir.iterdir()), "the study was created"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "studies").glob("*.yaml")))
+def test_every_shipped_study_loads_and_names_only_config_fields(path):
+    spec = load_study(path)
+    assert spec.trials >= 1 and spec.space

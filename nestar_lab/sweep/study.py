@@ -27,6 +27,7 @@ from the reference arm over the seeds (``nestar_lab.sweep.paired``).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -251,7 +252,7 @@ def unknown_keys(spec: StudySpec) -> list[str]:
 
     def problems(overrides: dict[str, Any]) -> set[str]:
         try:
-            validate_config(apply_overrides(base, overrides))
+            validate_config(apply_overrides(copy.deepcopy(base), overrides))  # it sets in place
         except ConfigError as exc:
             return set(exc.lines)
         except ValueError as exc:  # an override that cannot be applied (a key under a non-mapping)
