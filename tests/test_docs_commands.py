@@ -416,7 +416,7 @@ def test_the_checker_passes_good_commands(monkeypatch):
     [
         ("`nestar runn studies/configs/quickstart.yaml`", "does not parse: .*invalid choice: 'runn'"),
         ("`nestar run studies/configs/quickstart.yaml --sett a=1`", "does not parse: .*unrecognized arguments: --sett"),
-        ("`nestar sample RUN_DIR --num many`", "does not parse: .*invalid int value: 'many'"),
+        ("`nestar sample RUN_DIR --num many`", "does not parse: .*expected an integer of at least 1, got 'many'"),
         ("`nestar study rerun`", "does not parse: .*invalid choice: 'rerun'"),
         ("`nestar run studies/configs/quickstart.yaml --set ode_solver.name=rk5`", "ode_solver.name: .*rk5"),
         ("`nestar run studies/configs/quickstart.yaml --set coordination.params.weights=1`", "coordination.params.weights"),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -382,7 +383,7 @@ def test_study_run_refuses_counts_that_run_nothing(flag, value, tmp_path, tiny_r
     assert not spec.study_dir.exists() or not any(spec.study_dir.iterdir()), "the study was created"
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "studies").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "studies").glob("*.yaml")))
 def test_every_shipped_study_loads_and_names_only_config_fields(path):
     spec = load_study(path)
     assert spec.trials >= 1 and spec.space
