@@ -273,11 +273,6 @@ def captured(owner: object) -> list[StaticSolve]:
     return [s for s in vars(owner).get(_STORE_ATTR, {}).values() if isinstance(s, StaticSolve)]
 
 
-def contexts(owner: object) -> list[StaticContext]:
-    """The static context passes kept for ``owner`` (a scale module sampled with capture)."""
-    return [s for s in vars(owner).get(_STORE_ATTR, {}).values() if isinstance(s, StaticContext)]
-
-
 def graph_memory_bytes() -> int:
     """GPU memory the captured graphs took when they were recorded (sum over every store)."""
     return sum(s.memory_bytes for owner in list(_OWNERS) for s in vars(owner).get(_STORE_ATTR, {}).values())

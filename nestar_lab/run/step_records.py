@@ -47,10 +47,6 @@ class NonfiniteGuard:
         losses = {k: v.detach() for k, v in parts.items()} | {"total": total.detach()}
         self._pending.append((step, losses, nonfinite, lr))
 
-    @property
-    def unread(self) -> int:
-        return len(self._pending)
-
     def read(self) -> list[StepRecord]:
         """Every noted step since the last read (one tensor-to-Python conversion in all)."""
         if not self._pending:
