@@ -5,11 +5,16 @@ token order (coarse_to_fine), so that one AR/NestAR pair shares its order. For e
 
 1. its learning rate comes from the same small search (``lr_search.py``: an Optuna study per
    variant over ``train.lr``, one grid of arms, a fixed budget of steps and samples), stored in
-   ``<out-dir>/lr.json`` and reused by reruns;
-2. it is trained and evaluated once per seed (``seed`` and ``eval.seed = 1234 + seed``) through
+   ``<out-dir>/lr.json`` and reused by reruns; every search runs before any seeded run;
+2. seed by seed (every variant's seed 0, then every variant's seed 1, ...: each finished round
+   adds one paired difference per variant and rewrites the table), it is trained and evaluated once per seed (``seed`` and ``eval.seed = 1234 + seed``) through
    the library (``train``, ``load_trained``, ``evaluate``); one row per seed goes to the results
    store ``<out-dir>/results.csv``. A run already in the store (same variant, lr, seed, steps,
    samples: see ``recorded``) is skipped; one interrupted in training resumes from its checkpoint.
+
+The store (``results.csv``, ``lr.json``, ``summary.csv``) defaults to ``benchmarks/results/quality``,
+which git tracks, so a table too long for one sitting continues from a later checkout; the run
+directories and checkpoints go to ``--runs-dir`` (default ``runs/<store's name>``, not tracked).
 
 The summary (mean ± std [95% t-interval] per metric) goes to ``<out-dir>/summary.csv`` and, as a
 markdown table with the interval comparisons against NestAR k=4, into the "quality" section of
@@ -112,6 +117,11 @@ def run_one(cfg, run_dir: Path) -> dict:
     return evaluate(load_trained(run_dir), run_dir)
 
 
+def runs_dir(args) -> Path:
+    """Where the seeded runs' directories go: apart from the (tracked) results store."""
+    return Path(args.runs_dir) if args.runs_dir else Path("runs") / Path(args.out_dir).name
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
 
@@ -170,7 +180,11 @@ def main() -> None:
     ap.add_argument("--eval-seeds", type=positive, default=5, help="--eval-noise: evaluation seeds per count")
     ap.add_argument("--counts", default="20,50,100", help="--eval-noise: samples per class to try")
     ap.add_argument("--out", default="docs/benchmarks.md", help='markdown file whose "quality" section is replaced')
-    ap.add_argument("--out-dir", default="runs/bench_quality", help="results store, lr.json, summary.csv")
+    ap.add_argument("--out-dir", default="benchmarks/results/quality",
+                    help="results store, lr.json, summary.csv (the default is tracked by git, so a table "
+                         "continues in a later checkout)")
+    ap.add_argument("--runs-dir", default=None,
+                    help="run directories and checkpoints (default: runs/<out-dir's name>, not tracked)")
     ap.add_argument("--section", default="quality", help="marked section of --out to replace")
     ap.add_argument("--summary-only", action="store_true",
                     help="train nothing: rewrite summary.csv and the markdown section from the runs already stored")
@@ -192,29 +206,33 @@ def main() -> None:
         return write_summary(args, table, seeds, b)
     store = out_dir / "lr.json"
     print(estimate(todo, seeds, args, b), flush=True)
-    start, total = time.perf_counter(), len(todo) * len(seeds)
-    done, took = 0, []
-    for label, overrides in todo.items():
+    lrs = {}
+    for label, overrides in todo.items():  # every search first: the seeded runs then go seed by seed
         t0 = time.perf_counter()
-        lr = lr_search.choose_lr(CONFIG, label, slug(label), overrides, b, out_dir / "lr_search", store)
+        lrs[label] = lr_search.choose_lr(CONFIG, label, slug(label), overrides, b, runs_dir(args) / "lr_search", store)
         trials = lr_search.load_chosen(store)[label]["trials"]
         scores = ", ".join(f"{x:g} -> {y:.1f}" for x, y in trials)
-        print(f"[lr] {label}: lr {lr:g} (trial lr -> FID: {scores}; {time.perf_counter() - t0:.0f} s)", flush=True)
-        cfgs = configs(todo, label, lr, seeds, args)
-        have = set(recorded(results.load(out_dir), cfgs)["seed"])
-        for seed, cfg in cfgs.items():
+        print(f"[lr] {label}: lr {lrs[label]:g} (trial lr -> FID: {scores}; {time.perf_counter() - t0:.0f} s)",
+              flush=True)  # fmt: skip
+    start, total = time.perf_counter(), len(todo) * len(seeds)
+    done, took = 0, []
+    for seed in seeds:  # seed-major: each finished round adds one paired difference for every variant
+        for label in todo:
             done += 1
-            if seed in have:
+            cfg = seeded_config(todo[label], lrs[label], seed, args, label)
+            if len(recorded(results.load(out_dir), {seed: cfg})):
                 print(f"[{done}/{total}] {label} seed {seed}: in the results store, skipped", flush=True)
                 continue
             t1 = time.perf_counter()
-            row = run_one(cfg, out_dir / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}")
+            row = run_one(cfg, runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}")
             took.append(time.perf_counter() - t1)
             elapsed = time.perf_counter() - start
             left = (total - done) * sum(took) / len(took)  # at this session's measured rate
             fid, acc = row.get("fid_digits_cnn", float("nan")), row.get("class_accuracy", float("nan"))
             print(f"[{done}/{total}] {label} seed {seed}: FID {fid:.2f}, class acc {acc:.3f} in {took[-1]:.0f} s; "
-                  f"elapsed {minutes(elapsed)}, about {minutes(left)} of seeded runs left (+ searches)", flush=True)  # fmt: skip
+                  f"elapsed {minutes(elapsed)}, about {minutes(left)} of seeded runs left", flush=True)  # fmt: skip
+        if MATCH_TO in todo:
+            write_summary(args, table, seeds, b)  # the table so far, after every round
     write_summary(args, table, seeds, b)
 
 
