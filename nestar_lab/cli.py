@@ -28,9 +28,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from nestar_lab.config.errors import describe, exit_code_for_signal
-from nestar_lab.config.overrides import apply_overrides
-from nestar_lab.config.validation import validate_config
+from nestar_lab.config.errors import BadInput, describe, exit_code_for_signal  # light: the rest loads in main
 
 #: the batch-size setting of the work in progress, named when memory runs out
 _context: dict[str, str | None] = {"batch": None}
@@ -144,9 +142,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; every error ends as one line on stderr and an exit code (see ``errors``)."""
-    argv = list(argv if argv is not None else sys.argv[1:])
-    args = _parser().parse_args(argv)
+    """Run one command; every error ends as one line on stderr and an exit code (see ``errors``).
+    Only the standard library and ``errors`` are imported before this runs, so a Ctrl-C at any
+    moment (the heavy imports included) ends as ``interrupted`` and 130."""
+    try:
+        argv = list(argv if argv is not None else sys.argv[1:])
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return exit_code_for_signal(None)
     args.argv = argv
     debug = args.debug or os.environ.get("NESTAR_DEBUG", "").strip() not in ("", "0")
     _context["batch"] = None
@@ -160,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return code
     finally:  # under torchrun: leave the process group cleanly (gloo aborts a process exiting inside one)
-        from nestar_lab.run.distributed import shutdown
+        if "torch" in sys.modules:  # nothing to leave if torch was never loaded (or a Ctrl-C came first)
+            try:
+                from nestar_lab.run.distributed import shutdown
 
-        shutdown()
+                shutdown()
+            except KeyboardInterrupt:
+                pass
 
 
 def _warn_plugin_problems() -> None:
@@ -179,7 +187,8 @@ def _interrupted(exc: BaseException) -> int:
 
 
 def _cfg_from(path: str, overrides: list[str]):
-    from nestar_lab.config.overrides import read_yaml
+    from nestar_lab.config.overrides import apply_overrides, read_yaml
+    from nestar_lab.config.validation import validate_config
 
     cfg = validate_config(apply_overrides(read_yaml(path), overrides))
     _warn_plugin_problems()
@@ -308,7 +317,22 @@ def _evaluate_and_print(exp, run_dir) -> int:
     return 0
 
 
+def _image_path(text: str | None, default: Path) -> Path:
+    """``--out``: an image file whose extension PIL writes (its directories are made as needed)."""
+    from PIL import Image
+
+    out = Path(text) if text else default
+    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if out.is_dir() or text and text.endswith(("/", os.sep)):
+        raise BadInput(f"--out {out}: a directory; name the image file, e.g. {out / 'grid.png'}")
+    if out.suffix.lower() not in known:
+        raise BadInput(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png, .jpg, .webp "
+                       f"or another PIL writes")  # fmt: skip
+    return out
+
+
 def cmd_sample(args) -> int:
+    out = _image_path(args.out, Path(args.run_dir) / "grid.png")  # before any work
     import torch
 
     from nestar_lab.run.evaluate import make_sampler, save_grid
@@ -326,7 +350,6 @@ def cmd_sample(args) -> int:
     sampler = make_sampler(exp)
     print(sampler.path, file=sys.stderr)
     samples = sampler(labels, args.seed)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "grid.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out, per_class=per_class)
     st = samples.stats
@@ -373,9 +396,15 @@ def cmd_study(args) -> int:
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty())
-        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state.name for t in trials]
         counts = {s: states.count(s) for s in sorted(set(states))}
         print(f"study {spec.name}: {len(states)} trials {counts}; report: nestar study report {args.study}")
+        bad = [t for t in trials if "invalid" in t.user_attrs and t.state.name == "FAIL"]
+        if bad:  # combinations of searched values that no config allows: the study file needs a change
+            print(f"error: {len(bad)} trial(s) proposed an invalid config, first trial {bad[0].number}: "
+                  f"{bad[0].user_attrs['invalid']}; narrow the space or add a condition (if:)", file=sys.stderr)  # fmt: skip
+            return 2
         return 0
     out = report(spec, args.storage)
     for t in out.best:

@@ -267,7 +267,20 @@ def test_a_started_run_without_checkpoint_is_refused_too(tiny_raw, tmp_path, cap
     run.mkdir()
     (run / "config.yaml").write_text("name: x\n")
     code, _, err = _cli(capsys, "train", _config_file(tiny_raw, tmp_path / "c.yaml"), "--run-dir", run)
-    assert code == 2 and "already holds a run (config.yaml)" in _one_line(err)
+    line = _one_line(err)
+    assert code == 2 and "holds a run that never saved a checkpoint (config.yaml)" in line and "--overwrite" in line
+
+
+def test_a_run_that_fails_before_training_leaves_nothing_and_the_retry_runs(tiny_raw, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "new" / "run"
+    config = _config_file({**tiny_raw, "device": "cuda"}, tmp_path / "c.yaml")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a GPU machine's CI too
+    code, _, err = _cli(capsys, "train", config, "--run-dir", run)
+    line = _one_line(err)
+    assert code == 2 and "device: 'cuda' was asked for but no CUDA device is available" in line, line
+    assert not (tmp_path / "new").exists()  # nothing to block the retry
+    code, _, err = _cli(capsys, "train", config, "--run-dir", run, "--set", "device=cpu")
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "permission"])

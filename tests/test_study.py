@@ -1,4 +1,4 @@
-"""Optuna studies: trials are runs, invalid configs are pruned, failures recorded, workers share.
+"""Optuna studies: trials are runs, invalid configs refused or failed, failures recorded, workers share.
 Recovery from killed workers on every storage: test_study_recovery.py."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from nestar_lab.cli import main
+from nestar_lab.config.errors import ConfigError
 from nestar_lab.sweep import tuning
 from nestar_lab.sweep.storage import StudyFailed, open_study, tally
 from nestar_lab.sweep.study import load_study
@@ -74,12 +75,35 @@ def test_three_trials_complete_and_each_is_a_run(tmp_path, tiny_raw):
     assert len(run_study(spec, trials=4).trials) == 4
 
 
-def test_invalid_combination_is_pruned_with_its_reason(tmp_path, tiny_raw):
-    spec = write_study(tmp_path, tiny_raw, space={"generator.params.k": {"choices": [3]}})
-    study = run_study(spec, trials=1)
-    (trial,) = study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED
-    assert "n=64, k=3" in trial.user_attrs["invalid"]
+def test_every_value_and_arm_is_checked_before_any_trial(tmp_path, tiny_raw):
+    space = {
+        "generator.params.k": {"choices": [2, 3]},  # 3: 64 tokens are no power of 3
+        "train.lr": {"float": [-1.0, 1e-3]},  # the lower bound is no learning rate
+        "tokenizer.params.patch_size": {"int": [1, 2]},
+    }
+    arms = [{"generator.params.k": 2, "train.lr": 1e-3, "tokenizer.params.patch_size": 1},
+            {"generator.params.k": 8, "train.lr": 1e-3, "tokenizer.params.patch_size": 2}]  # 16 tokens, k=8
+    with pytest.raises(ConfigError) as err:
+        write_study(tmp_path, tiny_raw, space=space, arms=arms)
+    lines = err.value.lines
+    assert len(lines) == 3, lines
+    assert "space.generator.params.k=3: generator.params: NestAR needs n = k^M tokens; got n=64, k=3" in lines[0]
+    assert "space.train.lr=-1.0: train.lr: got -1.0; input should be greater than 0" in lines[1]
+    assert ": arms {" in lines[2] and "'generator.params.k': 8" in lines[2] and "got n=16, k=8" in lines[2]
+    assert not (tmp_path / "studies").exists()  # nothing made
+
+
+def test_an_invalid_combination_fails_counts_and_exits_2(tmp_path, tiny_raw, capsys):
+    space = {"generator.params.k": {"choices": [4, 8]}, "tokenizer.params.patch_size": {"choices": [1, 2]}}
+    spec = write_study(tmp_path, tiny_raw, space=space)  # each value is valid alone; k=8 with 16 tokens is not
+    open_study(spec).enqueue_trial({"generator.params.k": 8, "tokenizer.params.patch_size": 2})
+    assert main(["study", "run", str(spec.source), "--trials", "1"]) == 2
+    (trial,) = open_study(spec).trials
+    assert trial.state == optuna.trial.TrialState.FAIL  # not PRUNED: it is the study file's mistake
+    assert "n=16, k=8" in trial.user_attrs["invalid"]
+    assert tally(open_study(spec))["finished"] == 1  # it counts toward --trials: a retry fails the same way
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: 1 trial(s) proposed an invalid config, first trial 0:"), err
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_raw, monkeypatch):

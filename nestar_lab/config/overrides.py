@@ -191,7 +191,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or a one-line :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        what = "a directory, not a config file" if path.is_dir() else "no such config file"
+        if path.is_dir():
+            what = "a directory, not a config file"
+        elif path.exists():  # a FIFO, a device such as /dev/null, a socket
+            what = "not a regular file (a pipe, device or socket); give a YAML config file"
+        else:
+            what = "no such config file"
         raise ConfigError([f"{path}: {what}"])
     try:
         raw = load_yaml(path.read_text())

@@ -28,6 +28,11 @@ def data_parts(cfg):
     return dataset, tokenizer, order
 
 
+#: the config sections the rules across parts read (``check_compatibility``)
+RULE_SECTIONS = ("dataset", "tokenizer", "token_order", "generator", "modules", "scale_module", "sample", "device",
+                 "ode_solver")
+
+
 def check_compatibility(cfg) -> list[str]:
     """Rules across parts (image size vs tokenizer, token count vs schedule), as error lines.
 

@@ -4,8 +4,8 @@ and dotted overrides (``overrides.py``).
 Every part of an experiment is ``{name: ..., params: {...}}``; the plugin's own ``Params``
 model validates ``params``. :func:`load_config` checks everything (structure, plugin names,
 plugin params, rules across parts) before any work starts and raises :class:`ConfigError`
-with one readable line per problem, all problems of the structure and of every plugin's params
-in one pass (rules across parts are checked once every part is valid on its own).
+with one readable line per problem, all in one pass (a rule across parts is checked beside the
+field problems whenever none of the fields it reads is among them).
 
 Values are strict: numbers are finite (no ``.inf``/``.nan``), an integer field takes an integer
 (not ``true``, not ``"4"``, not ``4.0``), a float field takes a float or an integer, a string is
@@ -14,6 +14,7 @@ never read as a number. YAML is read with YAML 1.2 floats, so ``lr: 3e-4`` is a 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import apply_overrides, read_yaml
-from nestar_lab.config.parts import check_compatibility
+from nestar_lab.config.parts import RULE_SECTIONS, check_compatibility
 from nestar_lab.config.registry import PluginError, get_registry
 from nestar_lab.config.schema import (
     COMPONENT_KINDS,
@@ -205,25 +206,61 @@ def _check_module_parts(
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw config dict completely; raise :class:`ConfigError` listing every problem.
 
-    One pass reports the problems of the structure and of every part's params together; the
-    rules across parts (e.g. token count against ``k``) run once every part is valid.
+    One pass reports the problems of the structure and of every part's params together, and the
+    rules across parts (e.g. token count against ``k``) beside them when none of the fields a
+    rule reads is among the problems (see :func:`_rules_beside`).
     """
     if not isinstance(raw, dict):
         raise ConfigError([f"<config>: expected a mapping of config sections, got {type(raw).__name__}"])
+    cfg, errors = _fields(raw)
+    if errors:
+        raise ConfigError(list(dict.fromkeys(errors + _rules_beside(raw, errors))))
+    errors = check_compatibility(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _fields(raw: dict[str, Any]) -> tuple[ExperimentConfig | None, list[str]]:
+    """The config with every part's params resolved, or None and one line per problem of the
+    structure and the parts' params (the rules across parts not checked)."""
     errors: list[str] = []
     raw = _number_modules(raw, errors)
     cfg = strict_validate(ExperimentConfig, raw, "", errors)
     resolved = {where: _resolve_component(where, kind, spec, errors) for where, kind, spec in _component_specs(raw, cfg)}
     _check_module_parts(raw, cfg, resolved, errors)
     if errors or cfg is None:
-        raise ConfigError(list(dict.fromkeys(errors)))  # a non-finite plugin param is seen by both passes
+        return None, list(dict.fromkeys(errors))  # a non-finite plugin param is seen by both passes
     updates: dict[str, Any] = {field: resolved[field] for field in COMPONENT_KINDS}
     updates["metrics"] = [resolved[f"metrics.{i}"] for i in range(len(cfg.metrics))]
-    cfg = cfg.model_copy(update=updates)
-    errors = check_compatibility(cfg)
-    if errors:
-        raise ConfigError(errors)
-    return cfg
+    return cfg.model_copy(update=updates), []
+
+
+def _rules_beside(raw: dict[str, Any], errors: list[str]) -> list[str]:
+    """The rules across parts, checked in the same pass as field problems when no field they
+    read (``RULE_SECTIONS``) is among them: the bad fields are dropped (their defaults fill in,
+    and no rule reads them), so a rule reports what it will report once they are fixed."""
+    paths = [line.split(":", 1)[0].strip() for line in errors]
+    if any(not p or p.startswith("<") or p.split(".")[0] in RULE_SECTIONS for p in paths):
+        return []
+    trimmed = copy.deepcopy(raw)
+    for path in paths:
+        _drop(trimmed, path.split("."))
+    cfg, still = _fields(trimmed)
+    return check_compatibility(cfg) if cfg is not None and not still else []
+
+
+def _drop(raw: Any, keys: list[str]) -> None:
+    """Remove the entry at the dotted ``keys`` from nested mappings and lists, if it is there."""
+    for key in keys[:-1]:
+        if isinstance(raw, dict) and key in raw:
+            raw = raw[key]
+        elif isinstance(raw, list) and key.isdigit() and int(key) < len(raw):
+            raw = raw[int(key)]
+        else:
+            return
+    if isinstance(raw, dict):
+        raw.pop(keys[-1], None)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

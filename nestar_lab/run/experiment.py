@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from nestar_lab.config.errors import BadInput
 from nestar_lab.config.parts import data_parts, make
 from nestar_lab.config.registry import get_registry
 from nestar_lab.config.schema import ExperimentConfig
@@ -104,9 +105,13 @@ def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device: {name!r} was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BadInput(f"device: {name!r} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                       f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+    return device
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from nestar_lab.config.errors import BadInput
 from nestar_lab.config.schema import COMPONENT_KINDS, ExperimentConfig
 
 RESULTS_FILE = "results.csv"
@@ -88,8 +90,15 @@ def append_run(cfg: ExperimentConfig, run_dir: str | Path, metrics: dict[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_name(path.name + ".lock")):  # study workers append concurrently
         frame = pd.DataFrame([row])
-        if path.is_file():
-            frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+        try:
+            old = load(cfg.output_dir)
+        except BadInput as exc:  # keep the unreadable file aside, and this run's row in a new one
+            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.replace(aside)
+            print(f"warning: {exc}; moved it to {aside}", file=sys.stderr)
+            old = frame.iloc[0:0]
+        if len(old):
+            frame = pd.concat([old, frame], ignore_index=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         frame.to_csv(tmp, index=False)
         tmp.replace(path)
@@ -115,7 +124,14 @@ def _locked(lock_path: Path):
 def load(output_dir: str | Path | None = None) -> pd.DataFrame:
     """Every recorded run as a DataFrame (empty when nothing has been evaluated yet)."""
     path = results_path(output_dir)
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(ID_COLUMNS))
+    if not path.is_file():
+        return pd.DataFrame(columns=list(ID_COLUMNS))
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{path}: not a results table nestar can read ({reason}); restore it or move it aside "
+                       f"(runs add their rows to a new one)") from None  # fmt: skip
 
 
 def resolve_column(df: pd.DataFrame, name: str) -> str:

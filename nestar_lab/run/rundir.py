@@ -59,18 +59,31 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: str | Path | None = None, overwr
             run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{suffix}"
             suffix += 1
     run_dir = Path(run_dir)
-    held = holds_run(run_dir)
-    if held and not overwrite:
-        raise RunDirError(
-            f"{run_dir}: already holds a run ({', '.join(held)}); continue it with `nestar train --resume {run_dir}`, "
-            "replace it with --overwrite, or choose another --run-dir"
-        )
+    if not overwrite:
+        refuse_held(run_dir)
     check_writable(run_dir)
     if overwrite:
         clear_run(run_dir)
     write_text(run_dir / CONFIG, _config_yaml(cfg))
     write_json(run_dir / "provenance.json", provenance(cfg))
     return run_dir
+
+
+def refuse_held(run_dir: str | Path) -> None:
+    """:class:`RunDirError` when ``run_dir`` holds a run, saying what to do: resume it when it
+    has a checkpoint; otherwise (it failed or was stopped before its first) start it again."""
+    held = holds_run(run_dir)
+    if not held:
+        return
+    if CHECKPOINT not in held:
+        raise RunDirError(
+            f"{run_dir}: holds a run that never saved a checkpoint ({', '.join(held)}), so there is nothing to "
+            f"resume; start it again with --overwrite, or choose another --run-dir"
+        )
+    raise RunDirError(
+        f"{run_dir}: already holds a run ({', '.join(held)}); continue it with `nestar train --resume {run_dir}`, "
+        "replace it with --overwrite, or choose another --run-dir"
+    )
 
 
 def holds_run(run_dir: str | Path) -> list[str]:
@@ -256,20 +269,27 @@ def _check_checkpoint(path: Path, state: Any) -> None:
                 _corrupt(path, f"{key} weight {name} is not finite")
 
 
-def check_checkpoint_fits(state: dict[str, Any], expected: dict[str, torch.Tensor], run_dir: str | Path) -> None:
+def check_checkpoint_fits(
+    state: dict[str, Any], expected: dict[str, torch.Tensor], run_dir: str | Path, changed: list[str] = (),
+    advice: str = "resume with the run's own model settings (drop the --set that changes them) or start a new run",
+) -> None:
     """Raise a one-line :class:`CheckpointError` naming the first parameter whose shape (or
-    presence) differs between the checkpoint's ``model`` and ``expected`` (a state dict)."""
+    presence) differs between the checkpoint's ``model`` and ``expected`` (a state dict), how
+    many more differ, and ``changed``: the config keys (``key old -> new``) that likely did it."""
     path = Path(run_dir) / CHECKPOINT
     saved = state["model"]
-    advice = "resume with the run's own model settings (drop the --set that changes them) or start a new run"
+    problems = []
     for name, value in expected.items():
         if name not in saved:
-            raise CheckpointError(f"{path}: parameter {name} is not in the checkpoint but the config has it; {advice}")
-        if tuple(saved[name].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{path}: parameter {name} has shape {list(saved[name].shape)} in the checkpoint but "
-                f"{list(value.shape)} under the config; {advice}"
-            )
-    extra = [name for name in saved if name not in expected]
-    if extra:
-        raise CheckpointError(f"{path}: parameter {extra[0]} is in the checkpoint but not under the config; {advice}")
+            problems.append(f"parameter {name} is not in the checkpoint but the config has it")
+        elif tuple(saved[name].shape) != tuple(value.shape):
+            problems.append(f"parameter {name} has shape {list(saved[name].shape)} in the checkpoint but "
+                            f"{list(value.shape)} under the config")  # fmt: skip
+    problems += [f"parameter {name} is in the checkpoint but not under the config" for name in saved if name not in expected]
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more differ)" if len(problems) > 1 else ""
+    cause = f"; changed from the run's config: {', '.join(changed[:4])}" if changed else ""
+    raise CheckpointError(f"{path}: {problems[0]}{more}{cause}; {advice}")
+
+

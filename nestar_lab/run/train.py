@@ -12,7 +12,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,9 +28,11 @@ from nestar_lab.run.runbook import RunBook, TrainingFailed, cut_log, record_resu
 from nestar_lab.run.rundir import (
     SUMMARY,
     RunDirError,
+    refuse_held,
     check_checkpoint_fits,
     check_writable,
     load_checkpoint,
+    load_run_config,
     new_run_dir,
     write_json,
 )
@@ -118,14 +120,20 @@ def train(
         state = load_checkpoint(run_dir)  # on the CPU, as a fresh optimiser keeps its step counts
         if int(state["step"]) >= tc.steps:
             return _already_finished(Path(run_dir), state, tc, info)
+    made = _check_place(run_dir, resume, overwrite, info)  # cheap refusals first
+    try:
+        exp = build_experiment(cfg)  # device, data, tokenizer weights, reference files: before any run file
+    except BaseException:
+        for empty in made:  # leave no empty directory behind
+            empty.rmdir()
+        raise
     run_dir = _shared_run_dir(cfg, run_dir, resume, overwrite, info)
-    exp = build_experiment(cfg)
     gen, device = exp.generator, exp.device
     model = _wrap_ddp(exp, info)
     opt, ema = make_optimizer(exp)
     step, changes = 0, {}
     if state is not None:
-        check_checkpoint_fits(state, gen.state_dict(), run_dir)
+        check_checkpoint_fits(state, gen.state_dict(), run_dir, config_changes(load_run_config(run_dir), cfg))
         gen.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
@@ -189,6 +197,20 @@ def _already_finished(run_dir: Path, state: dict, tc: TrainConfig, info: distrib
     return TrainResult(run_dir, step, 0.0, float(summary.get("step_ms_median") or 0.0),
                        summary.get("final_loss") or {}, int(summary.get("nonfinite_skipped") or 0),
                        float(summary.get("seconds") or 0.0), already_finished=True)  # fmt: skip
+
+
+def _check_place(run_dir, resume: bool, overwrite: bool, info: distributed.DistInfo) -> list[Path]:
+    """A new run's directory, when given, checked before the experiment is built (rank 0): it
+    holds no run (unless ``overwrite``) and is writable. Returns the directories this made
+    (empty, innermost first)."""
+    if resume or run_dir is None or not info.is_main:
+        return []
+    if not overwrite:
+        refuse_held(run_dir)
+    path = Path(run_dir).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    check_writable(run_dir)
+    return made
 
 
 def _shared_run_dir(cfg: ExperimentConfig, run_dir, resume: bool, overwrite: bool, info: distributed.DistInfo) -> Path:
@@ -306,15 +328,29 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True)  # fmt: skip
 
 
+def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """``key old -> new`` for each flattened config key that differs (what a ``--set`` changed)."""
+    a, b = _dotted(old.model_dump(mode="json")), _dotted(new.model_dump(mode="json"))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _dotted(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _dotted(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
 def load_trained(run_dir: str | Path, use_ema: bool = True, cfg: ExperimentConfig | None = None) -> Experiment:
     """The experiment of a run with its trained (EMA by default) weights, in eval mode.
 
     ``cfg`` replaces the saved config (e.g. another solver or guidance scale for sampling).
     """
-    from nestar_lab.run.rundir import load_run_config
-
-    exp = build_experiment(cfg or load_run_config(run_dir))
+    saved = load_run_config(run_dir)
+    exp = build_experiment(cfg or saved)
     state = load_checkpoint(run_dir, map_location=exp.device)
+    changed = config_changes(saved, cfg) if cfg is not None else []
+    advice = "sample and evaluate with the run's own model settings (drop the --set that changes them)"
+    check_checkpoint_fits(state, exp.generator.state_dict(), run_dir, changed, advice)
     exp.generator.load_state_dict(state["model"])
     if use_ema:
         params = dict(exp.generator.named_parameters())

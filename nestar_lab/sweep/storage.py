@@ -9,12 +9,14 @@ import os
 import time
 import warnings
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
+from nestar_lab.config.errors import BadInput, one_line
 from nestar_lab.sweep.study import StudySpec
 
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
@@ -112,6 +114,56 @@ class _JournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
         return self._stale_callback
 
 
+SUPPORTED = "sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DB or journal:PATH"
+
+
+def check_storage(url: str) -> None:
+    """Refuse, before any work, a storage URL that cannot be opened: :class:`BadInput` (exit 2)
+    naming the URL (password masked) and what failed, in plain words. A server is connected to
+    once (10 s at most); SQLite and journal files must have an existing directory."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if url.startswith("journal:"):
+        _check_file_place(url, Path(url[len("journal:") :]))
+        return
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise BadInput(f"--storage {url!r}: not a storage URL; give {SUPPORTED}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise BadInput(f"--storage {shown}: unknown scheme {parsed.drivername!r}; supported: {SUPPORTED}") from None
+    except ImportError as exc:
+        raise BadInput(f"--storage {shown}: the database driver for {parsed.drivername!r} is not installed "
+                       f"({exc.name or exc}); install it or use {SUPPORTED}") from None  # fmt: skip
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            _check_file_place(shown, Path(parsed.database))
+        return
+    engine = create_engine(parsed, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # psycopg's OperationalError and the like: say it plainly, one line
+        where = f"{parsed.host or 'localhost'}:{parsed.port or 'the default port'}"
+        reason = one_line(getattr(exc, "orig", None) or exc).removeprefix("connection failed: ")
+        raise BadInput(f"--storage {shown}: cannot connect to {where} ({reason}); check the server, "
+                       f"host, port, user and database") from None  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def _check_file_place(shown: str, path: Path) -> None:
+    if not str(path) or path.is_dir():
+        raise BadInput(f"--storage {shown}: {path or 'nothing'} is no file path; name the database file")
+    if not path.parent.is_dir():
+        raise BadInput(f"--storage {shown}: the directory {path.parent} does not exist; create it or choose another path")
+
+
 def make_storage(url: str, heartbeat_seconds: int = 60) -> optuna.storages.BaseStorage:
     """``journal:PATH`` -> a journal file (shared filesystems); otherwise an SQLAlchemy URL
     (SQLite, PostgreSQL). Both with heartbeats every ``heartbeat_seconds`` and a grace period of
@@ -156,14 +208,20 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def invalid(trial) -> bool:
+    """A trial FAILed because its config (a combination of searched values) is invalid."""
+    return trial.state == TrialState.FAIL and "invalid" in trial.user_attrs
+
+
 def tally(study: optuna.Study) -> dict[str, int]:
-    """Trials by what they mean for ``--trials``: finished (COMPLETE or PRUNED), running,
+    """Trials by what they mean for ``--trials``: finished (COMPLETE, PRUNED or invalid), running,
     waiting (queued arms and retries), errors (failed by an error), lost (a dead or interrupted
     worker's, or surplus)."""
-    out = {"finished": 0, "running": 0, "waiting": 0, "errors": 0, "lost": 0}
+    out = {"finished": 0, "running": 0, "waiting": 0, "errors": 0, "lost": 0, "invalid": 0}
     for t in study.get_trials(deepcopy=False):
-        if t.state in FINISHED:
+        if t.state in FINISHED or invalid(t):
             out["finished"] += 1
+            out["invalid"] += invalid(t)
         elif t.state == TrialState.RUNNING:
             out["running"] += 1
         elif t.state == TrialState.WAITING:

@@ -235,47 +235,64 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     spec = spec.model_copy(update={"source": path})
     if not spec.base_path().is_file():
         raise ConfigError([f"{path}: base config {spec.base_path()} not found"])
-    problems = unknown_keys(spec)
+    problems = space_problems(spec)
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
     return spec
 
 
-def unknown_keys(spec: StudySpec) -> list[str]:
-    """Searched or fixed keys that are no field of the base config: found before any trial (a
-    trial would only be pruned for it). Each key is set alone, to its first value, on the base;
-    a validation problem at that key (not one the base has already) names it. Values that fail
-    only in combination (``k = 3`` for 64 tokens) stay a trial's business: they are pruned."""
+def space_problems(spec: StudySpec) -> list[str]:
+    """Every point the study can propose, checked on the base before any trial: the fixed
+    overrides, each searched key at each of its choices or at both ends of its range (set alone
+    on the base, with the keys of its condition at their first allowed values), and each arm.
+    One line per problem, naming the key or arm. What fails only in a combination of searched
+    values is found when a trial proposes it (the trial fails and ``study run`` exits 2)."""
     from nestar_lab.config.validation import validate_config
 
     base = read_yaml(spec.base_path())
 
-    def problems(overrides: dict[str, Any]) -> set[str]:
+    def problems(overrides: dict[str, Any]) -> list[str]:
         try:
             validate_config(apply_overrides(copy.deepcopy(base), overrides))  # it sets in place
         except ConfigError as exc:
-            return set(exc.lines)
+            return exc.lines
         except ValueError as exc:  # an override that cannot be applied (a key under a non-mapping)
-            return {str(exc)}
-        return set()
+            return [str(exc)]
+        return []
 
-    known = problems({})
-    lines = []
-    for where, key, value in [("overrides", k, v) for k, v in spec.overrides.items()] + [
-        ("space", k, first_value(p)) for k, p in spec.space.items()
-    ]:
-        new = [line for line in problems({key: value}) - known if line.split(":")[0] in key or key in line]
-        if any("extra inputs are not permitted" in line for line in new):
-            lines.append(f"{where}.{key}: not a field of the base config {spec.base}; check the spelling "
-                         f"(`nestar describe` and the README list the config's sections)")  # fmt: skip
-    return lines
+    def explain(kind: str, where: str, keys: list[str], line: str) -> str:
+        path = line.split(":", 1)[0]
+        if "extra inputs are not permitted" in line:  # once per key, whatever value it had
+            key = next((k for k in keys if k == path or k.startswith(path + ".")), path)
+            return (f"{kind}.{key}: not a field of the base config {spec.base}; check the spelling "
+                    f"(`nestar describe` and the README list the config's sections)")  # fmt: skip
+        return f"{where}: {line}"
+
+    fixed = problems(dict(spec.overrides))
+    if fixed:
+        return list(dict.fromkeys(explain("overrides", "overrides", list(spec.overrides), line) for line in fixed))
+    lines: list[str] = []
+    for key, space in spec.space.items():
+        condition = {other: values[0] for other, values in space.condition.items() if values}
+        for value in candidate_values(space):
+            point = {**spec.overrides, **condition, key: value}
+            lines += [explain("space", f"space.{key}={value!r}", [key], line) for line in problems(point)]
+    arms = {repr({k: v for k, v in arm.items() if not spec.seeds or k != "seed"}): arm for arm in spec.arms}
+    for shown, arm in arms.items():  # an arm crossed with the seeds is checked once
+        lines += [explain("arms", f"arms {shown}", list(arm), line) for line in problems({**spec.overrides, **arm})]
+    return list(dict.fromkeys(lines))
 
 
-def first_value(space: ParamSpace) -> Any:
-    """A value the space can propose: its first choice, or its lower bound."""
+def candidate_values(space: ParamSpace) -> list[Any]:
+    """What the space can propose at its edges: every choice, or a range's two ends (the upper
+    one as the step reaches it)."""
     if space.choices is not None:
-        return space.choices[0]
-    return (space.int_range or space.float_range)[0]
+        return list(space.choices)
+    low, high = space.int_range or space.float_range
+    if space.step and high > low:
+        high = low + int((high - low) // space.step) * space.step
+        high = int(high) if space.int_range else high
+    return [low, high] if high != low else [low]
 
 
 def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:

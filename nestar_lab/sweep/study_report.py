@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from nestar_lab.sweep.storage import open_study
+from nestar_lab.sweep.storage import check_storage, open_study
 from nestar_lab.sweep.study import StudySpec
 
 if TYPE_CHECKING:  # annotations only (pandas is imported where tables are made)
@@ -113,6 +113,8 @@ def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | No
     Pareto front, velocity disagreement: :func:`nestar_lab.sweep.plots.plot_study`)."""
     from nestar_lab.sweep.plots import plot_study
 
+    if storage:
+        check_storage(storage)
     study = open_study(spec, storage)
     out_dir = Path(out_dir or spec.study_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)

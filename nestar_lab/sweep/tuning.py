@@ -5,7 +5,9 @@ study's ``results.csv``) and records its run id. Invalid configs are pruned with
 recorded; a trial that raises is marked failed (its ``error`` recorded) and the study goes on.
 
 What ``--trials N`` means. The study is done when it holds N *finished* trials: COMPLETE or
-PRUNED (invalid configs are pruned, so they count). Other trials are attempts that do not count:
+PRUNED, or FAILed by an invalid config (a combination of searched values that no check before the
+study could see: user attribute ``invalid``; it counts, since a retry would fail the same way, and
+``nestar study run`` then exits 2). Other trials are attempts that do not count:
 
 * failed by an error (user attribute ``error``): a new trial is sampled in its place; one
   process gives up (:class:`StudyFailed`, exit 1) after ``max_errors_in_a_row`` of them in a row;
@@ -49,14 +51,21 @@ from nestar_lab.sweep.storage import (
     FINISHED,
     StudyFailed,
     _retry_now,
+    check_storage,
     default_storage,
     fail_stale,
+    invalid,
     open_study,
     tally,
 )
 from nestar_lab.sweep.study import StudySpec, apply_dotted, trial_overrides
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class InvalidTrial(Exception):
+    """A trial's config failed validation (a combination of searched values): the trial FAILs
+    with user attribute ``invalid``; it counts toward ``--trials`` and ``study run`` exits 2."""
 
 
 class _Surplus(Exception):
@@ -86,6 +95,8 @@ class Objective:
             return self._run(trial)
         except optuna.TrialPruned:
             raise
+        except InvalidTrial:  # FAIL, counted toward --trials (it will not become valid), exit 2 at the end
+            raise
         except TrainingInterrupted as exc:
             self._interrupted(trial, exc)
             raise
@@ -111,6 +122,7 @@ class Objective:
         ahead = 0
         for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)):
             ahead += t.state in FINISHED or t.number < trial.number
+        ahead += sum(invalid(t) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         return ahead >= self.target
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
@@ -135,9 +147,9 @@ class Objective:
             raw["name"] = frozen.user_attrs.get("run_name", raw["name"])
         try:
             cfg = validate_config(raw)
-        except ConfigError as exc:
+        except ConfigError as exc:  # a combination the pre-check (``space_problems``) cannot see
             trial.set_user_attr("invalid", "; ".join(exc.lines))
-            raise optuna.TrialPruned(f"invalid config: {'; '.join(exc.lines)}") from None
+            raise InvalidTrial(f"invalid config: {'; '.join(exc.lines)}") from None
         trial.set_user_attr("run_id", run_dir.name)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("run_name", cfg.name)
@@ -223,6 +235,8 @@ def run_study(
     Raises :class:`StudyFailed` when a worker died, after ``spec.max_errors_in_a_row`` failed
     trials in a row, or when interrupted (its trial is re-queued for the next run)."""
     trials = trials or spec.trials
+    if storage:
+        check_storage(storage)  # before the study directory or any trial exists
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
