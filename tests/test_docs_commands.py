@@ -378,7 +378,10 @@ def test_the_docs_commands_are_all_found():
     ):
         assert swap in argvs
     shown = [c for c in COMMANDS if c.expected_errors]
-    assert shown and shown[0].expected_errors == ("train.lr: got -1; input should be greater than 0",)
+    assert shown and shown[0].expected_errors == (
+        "train.lr: got -1; input should be greater than 0",
+        "generator.params: NestAR needs n = k^M tokens; got n=64, k=3 (the tokenizer makes 64 tokens)",
+    )
     assert any(c.packages for c in COMMANDS)  # the example plugin package's commands
 
 
@@ -446,5 +449,5 @@ def test_a_study_with_a_trial_that_cannot_validate_is_caught(tmp_path, monkeypat
         "objectives: [{metric: fid_digits_cnn, direction: minimize}]\n"
     )
     (command,) = extract(f"`nestar study run {study}`", "page.md")
-    with pytest.raises(AssertionError, match="study broken, trial {'ode_solver.name': 'rk5'}: ode_solver.name"):
+    with pytest.raises(AssertionError, match="space.ode_solver.name='rk5': ode_solver.name: unknown ode_solver 'rk5'"):
         check(command)

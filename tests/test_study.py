@@ -203,7 +203,7 @@ def test_a_rerun_waits_out_a_dead_trial_and_retries_it(tmp_path, tiny_raw, kind)
     assert first.state == optuna.trial.TrialState.FAIL and "error" not in first.user_attrs
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
     assert retry.params == first.params
-    assert tally(study) == {"finished": 1, "running": 0, "waiting": 0, "errors": 0, "lost": 1}
+    assert tally(study) == {"finished": 1, "running": 0, "waiting": 0, "errors": 0, "lost": 1, "invalid": 0}
 
 
 def test_a_trial_started_past_the_target_is_surplus(tmp_path, tiny_raw):
