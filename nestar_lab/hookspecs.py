@@ -74,6 +74,11 @@ def nestar_register_metrics() -> dict[str, type[interfaces.Metric]]:
     """Metrics: numbers computed from a trained run and its samples."""
 
 
+@hookspec
+def nestar_register_loggers() -> dict[str, type[interfaces.RunLogger]]:
+    """Run loggers: training curves, evaluation metrics and sample grids sent to a tracking tool."""
+
+
 KINDS: tuple[str, ...] = (
     "dataset",
     "tokenizer",
@@ -83,6 +88,7 @@ KINDS: tuple[str, ...] = (
     "ode_solver",
     "coordination_objective",
     "metric",
+    "logger",
 )
 
 

@@ -455,6 +455,56 @@ class Metric(Plugin, ABC):
         """Metric values keyed by name (names carry their method, e.g. ``fid_inception``)."""
 
 
+# ----------------------------------------------------------------------------- run loggers
+@dataclass(frozen=True)
+class LogRun:
+    """The run a logger opens. ``state``: what this logger returned from ``open`` the last time
+    (its run id), ``{}`` for a new run; ``group``: a study's name (its trials log together)."""
+
+    run_dir: Path
+    name: str
+    output_dir: Path
+    hparams: dict[str, Any]  # the resolved config, flattened (``train.lr`` -> 1e-3)
+    state: dict[str, Any]
+    group: str | None = None
+
+
+class RunLogger(Plugin, ABC):
+    """Training curves where researchers watch them (TensorBoard, W&B, MLflow), beside
+    ``train_log.jsonl``, which stays the source of truth. Constructor: ``(params)``.
+
+    Only rank 0 calls a logger, in order: ``open``, then ``log_scalars`` and ``log_evaluation``
+    any number of times with steps that never go back, then ``close``. A resumed run is opened
+    again with the state ``open`` returned, and the core never sends a step twice. What a method
+    raises ends the run with one line naming the logger; the checkpoint and log stay intact."""
+
+    plugin_kind = "logger"
+    #: the optional extra that installs what this logger needs (``pip install 'nestar-lab[EXTRA]'``)
+    extra: ClassVar[str | None] = None
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """The module this logger needs and cannot import, or None: checked before any work."""
+        return None
+
+    @abstractmethod
+    def open(self, run: LogRun) -> dict[str, Any]:
+        """Start the run, or continue it from ``run.state``; return the state to keep (JSON)."""
+
+    @abstractmethod
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """One training step's record: every loss part, the learning rate, skips, timing."""
+
+    @abstractmethod
+    def log_evaluation(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        """The evaluation's metrics (with the hyperparameters, where the tool keeps them) and the
+        sample grid (a PNG file), at the trained step."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and finish (the run can be opened again to continue it)."""
+
+
 def is_power(n: int, k: int) -> int | None:
     """``M`` with ``k ** M == n``, or ``None``."""
     if k < 2 or n < 1:

@@ -168,6 +168,8 @@ COMPONENT_KINDS = {
     "ode_solver": "ode_solver",
     "coordination": "coordination_objective",
 }
+#: config fields that hold a list of parts, and their kind
+LISTED_KINDS = {"metrics": "metric", "loggers": "logger"}
 
 
 class ExperimentConfig(Strict):
@@ -191,6 +193,9 @@ class ExperimentConfig(Strict):
     data: DataConfig = DataConfig()
     distributed: DistributedConfig = DistributedConfig()
     metrics: list[ComponentSpec] = Field(default_factory=list)
+    loggers: list[ComponentSpec] = Field(
+        default_factory=list, description="where training curves go besides train_log.jsonl: tensorboard, wandb, mlflow"
+    )
     modules: dict[int, ModuleSettings] = Field(
         default_factory=dict, description="per-module settings by module number (1 = first), merged over the shared ones"
     )

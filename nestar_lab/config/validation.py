@@ -29,6 +29,7 @@ from nestar_lab.config.parts import RULE_SECTIONS, check_compatibility
 from nestar_lab.config.registry import PluginError, get_registry
 from nestar_lab.config.schema import (
     COMPONENT_KINDS,
+    LISTED_KINDS,
     MODULE_PARTS,
     ComponentSpec,
     ExperimentConfig,
@@ -120,18 +121,20 @@ def _component_specs(raw: dict[str, Any], cfg: ExperimentConfig | None) -> list[
     """``(where, kind, spec)`` of every part; from ``raw`` when the structure has problems elsewhere."""
     if cfg is not None:
         parts = [(field, kind, getattr(cfg, field)) for field, kind in COMPONENT_KINDS.items()]
-        return parts + [(f"metrics.{i}", "metric", spec) for i, spec in enumerate(cfg.metrics)]
+        return parts + [(f"{field}.{i}", kind, spec) for field, kind in LISTED_KINDS.items()
+                        for i, spec in enumerate(getattr(cfg, field))]  # fmt: skip
     parts = []
     for field, kind in COMPONENT_KINDS.items():
         default = ExperimentConfig.model_fields[field].default
         spec = _as_spec(raw.get(field, default)) if field in raw or isinstance(default, ComponentSpec) else None
         if spec is not None:
             parts.append((field, kind, spec))
-    metrics = raw.get("metrics", [])
-    for i, value in enumerate(metrics if isinstance(metrics, list) else []):
-        spec = _as_spec(value)
-        if spec is not None:
-            parts.append((f"metrics.{i}", "metric", spec))
+    for field, kind in LISTED_KINDS.items():
+        listed = raw.get(field, [])
+        for i, value in enumerate(listed if isinstance(listed, list) else []):
+            spec = _as_spec(value)
+            if spec is not None:
+                parts.append((f"{field}.{i}", kind, spec))
     return parts
 
 
@@ -232,7 +235,8 @@ def _fields(raw: dict[str, Any]) -> tuple[ExperimentConfig | None, list[str]]:
     if errors or cfg is None:
         return None, list(dict.fromkeys(errors))  # a non-finite plugin param is seen by both passes
     updates: dict[str, Any] = {field: resolved[field] for field in COMPONENT_KINDS}
-    updates["metrics"] = [resolved[f"metrics.{i}"] for i in range(len(cfg.metrics))]
+    for field in LISTED_KINDS:
+        updates[field] = [resolved[f"{field}.{i}"] for i in range(len(getattr(cfg, field)))]
     return cfg.model_copy(update=updates), []
 
 

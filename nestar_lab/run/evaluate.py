@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from nestar_lab.method.sample import Sampler
 from nestar_lab.run import distributed
 from nestar_lab.run.experiment import Experiment
 from nestar_lab.run.results import append_run
-from nestar_lab.run.rundir import write_json
+from nestar_lab.run.loggers import RunLoggers, check_loggers
+from nestar_lab.run.rundir import SUMMARY, write_json
 
 
 def cache_root() -> Path:
@@ -34,11 +36,14 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     and (``record``) append the run's row to the results store.
 
     A metric that fails does not lose the others: its error is recorded as ``error_<name>``.
+    With ``record``, the config's ``loggers`` receive the metrics and the grid at the trained step.
     Under torch.distributed the samples are drawn by every rank (its share of the labels) and
     gathered on rank 0, which alone runs the metrics and writes; other ranks return ``{}``.
     """
     run_dir = Path(run_dir)
     info = distributed.current()
+    if record and info.is_main:
+        check_loggers(exp.cfg)  # a logger's package missing: before sampling
     ctx = EvalContext(
         dataset=exp.dataset,
         sampler=make_sampler(exp),
@@ -76,7 +81,17 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
     if record:
         append_run(exp.cfg, run_dir, row, device=_device_name(exp.device))
+        with RunLoggers(exp.cfg, run_dir) as loggers:
+            loggers.evaluation(trained_steps(run_dir, exp.cfg.train.steps), row, run_dir / "samples.png")
     return row
+
+
+def trained_steps(run_dir: Path, default: int) -> int:
+    """The steps the run trained (its summary), or ``default`` where it has none."""
+    try:
+        return int(json.loads((run_dir / SUMMARY).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Samples:

@@ -39,8 +39,8 @@ def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
         if key in COMPONENT_KINDS:
             flat[key] = value["name"]
             flat.update({f"{key}.{k}": _scalar(v) for k, v in value["params"].items()})
-        elif key == "metrics":
-            flat["metrics"] = ",".join(m["name"] for m in value)
+        elif key in ("metrics", "loggers"):
+            flat[key] = ",".join(m["name"] for m in value)
         elif key == "modules":  # modules.1.scale_module.depth, modules.3.ode_solver(.steps), modules.2.cfg_scale
             flat.update(_module_columns(value))
         elif isinstance(value, dict):
@@ -70,8 +70,10 @@ def _scalar(value: Any) -> Any:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """A short hash of the resolved config, the same for two runs of one experiment."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    """A short hash of the resolved config, the same for two runs of one experiment (where the
+    curves are watched, ``loggers``, changes no result and is left out)."""
+    data = cfg.model_dump(mode="json", exclude={"loggers"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def append_run(cfg: ExperimentConfig, run_dir: str | Path, metrics: dict[str, Any], device: str) -> Path:

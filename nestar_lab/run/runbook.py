@@ -147,11 +147,12 @@ def check_weights_finite(gen, ema, run_dir: Path, step: int, last_good: int | No
     )
 
 
-def append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float, extra: dict | None = None) -> None:
-    """One JSON line per logged step; non-finite values are written as null (valid JSON)."""
+def append_log(run_dir: Path, step: int, losses: dict[str, float], lr: float, extra: dict | None = None) -> dict:
+    """One JSON line per logged step; non-finite values are written as null (valid JSON). Returns the row."""
     row = json_safe({"step": step, "lr": lr, **losses, **(extra or {})})
     with open(run_dir / LOG, "a") as f:
         f.write(json.dumps(row, allow_nan=False) + "\n")
+    return row
 
 
 class RunBook:
@@ -164,11 +165,12 @@ class RunBook:
     Rank 0 alone writes; every rank keeps the same book (their weights and flags are equal)."""
 
     def __init__(self, run_dir: Path, tc: TrainConfig, info, device: torch.device, step: int,
-                 state: dict | None, changes: dict, bar) -> None:  # fmt: skip
+                 state: dict | None, changes: dict, bar, loggers=None) -> None:  # fmt: skip
         book = {"seconds": 0.0, "segments": [], "nonfinite_skipped": 0, "nonfinite_streak": 0}
         if state is not None:
             book.update(state.get("run") or book_from_summary(run_dir))
         self.run_dir, self.tc, self.info, self.device, self.bar = run_dir, tc, info, device, bar
+        self.loggers = loggers  # RunLoggers: the same records as the log, after it is written
         self.earlier_seconds, self.earlier_segments = float(book["seconds"]), list(book["segments"])
         self.segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step,
                         "seconds": 0.0} | ({"changes": changes} if changes else {})  # fmt: skip
@@ -191,8 +193,10 @@ class RunBook:
         if not records:
             return
         now = time.perf_counter()
-        self.times.extend([(now - self.read_at) / len(records)] * len(records))
+        step_s = (now - self.read_at) / len(records)  # spread evenly: the device ran them unread
+        self.times.extend([step_s] * len(records))
         self.read_at = now
+        speed = {"step_seconds": step_s, "images_per_second": self.info.world * self.tc.batch_size / max(step_s, 1e-9)}
         tc, run_dir = self.tc, self.run_dir
         for rec in records:
             self.streak = self.streak + 1 if rec.nonfinite else 0
@@ -201,9 +205,11 @@ class RunBook:
                 self.last = rec.losses
                 self.bar.set_postfix(loss=f"{self.last['total']:.4f}", refresh=False)
                 if self.info.is_main:
-                    extra = {"nonfinite_skipped": self.skipped} | ({"skipped": True} if rec.nonfinite else {})
+                    extra = {"nonfinite_skipped": self.skipped} | ({"skipped": True} if rec.nonfinite else {}) | speed
                     with writing(run_dir / LOG, run_dir, self.last_good, "log not written"):
-                        append_log(run_dir, rec.step, self.last, rec.lr, extra)
+                        row = append_log(run_dir, rec.step, self.last, rec.lr, extra)
+                    if self.loggers is not None:
+                        self.loggers.scalars(rec.step, row)
             if self.streak >= tc.max_nonfinite_steps:
                 self.bar.close()
                 raise TrainingFailed(streak_message(run_dir, rec.step, self.streak, tc, self.last_good), run_dir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import platform
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ RESUMES = "resumes.jsonl"
 RUN_MARKERS = (CHECKPOINT, LOG, CONFIG)
 #: what ``--overwrite`` removes: the files training and evaluation write (nothing else)
 RUN_FILES = (CHECKPOINT, LOG, CONFIG, SUMMARY, RESUMES, "provenance.json", "metrics.json", "samples.png",
-             "grid.png", "trained_in.txt")  # fmt: skip
+             "grid.png", "trained_in.txt", "loggers.json")  # fmt: skip
+#: what the run loggers write there (TensorBoard's event files, W&B's offline runs), also removed
+LOGGER_OUTPUTS = ("events.out.tfevents.*", "wandb")
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "ema")
 
 
@@ -104,6 +107,13 @@ def clear_run(run_dir: str | Path) -> None:
             except OSError as exc:
                 reason = os_reason(exc)
                 raise RunDirError(f"{path}: cannot remove the old run's file ({reason}); remove it by hand") from None
+    for pattern in LOGGER_OUTPUTS:
+        for path in run_dir.glob(pattern):
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as exc:
+                reason = os_reason(exc)
+                raise RunDirError(f"{path}: cannot remove the old run's logs ({reason}); remove it by hand") from None
 
 
 def check_writable(run_dir: str | Path) -> Path:

@@ -25,6 +25,7 @@ from nestar_lab.run.data import train_batches
 from nestar_lab.run.experiment import Experiment, build_experiment
 from nestar_lab.run.optim import EMA, lr_factor, make_optimizer, skip_step_if
 from nestar_lab.run.runbook import RunBook, TrainingFailed, cut_log, record_resume, writing
+from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.rundir import (
     SUMMARY,
     RunDirError,
@@ -96,6 +97,7 @@ def train(
     stop_at_step: int | None = None,
     progress: bool = True,
     callbacks: list[Callable[[int, Experiment], None]] = (),
+    log_group: str | None = None,
 ) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (a new one when None); ``resume`` continues its checkpoint.
 
@@ -110,7 +112,8 @@ def train(
 
     ``stop_at_step`` interrupts after that many steps exactly as SIGINT would (for tests).
     ``callbacks(step, exp)`` run after every step (e.g. a study's pruning check); what they
-    raise ends training. Under torchrun (or after :func:`distributed.init`) every rank runs
+    raise ends training. ``log_group``: the group the config's ``loggers`` file a new run under
+    (a study's name). Under torchrun (or after :func:`distributed.init`) every rank runs
     this function: DDP averages gradients, rank 0 alone writes the run directory.
     """
     info = distributed.init(cfg.distributed.backend) if distributed.launched_by_torchrun() else distributed.current()
@@ -120,6 +123,7 @@ def train(
         state = load_checkpoint(run_dir)  # on the CPU, as a fresh optimiser keeps its step counts
         if int(state["step"]) >= tc.steps:
             return _already_finished(Path(run_dir), state, tc, info)
+    check_loggers(cfg)  # a logger's package missing: before any work
     made = _check_place(run_dir, resume, overwrite, info)  # cheap refusals first
     try:
         exp = build_experiment(cfg)  # device, data, tokenizer weights, reference files: before any run file
@@ -146,7 +150,14 @@ def train(
         print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
               f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
     bar = _progress(tc.steps, step, progress and info.is_main)
-    book = RunBook(run_dir, tc, info, device, step, state, changes, bar)  # streaks, checkpoints, segments
+    with RunLoggers(cfg, run_dir, info.is_main, log_group) as loggers:
+        return _loop(exp, model, opt, ema, batches, step, stop_at_step, callbacks, info,
+                     RunBook(run_dir, tc, info, device, step, state, changes, bar, loggers))  # fmt: skip
+
+
+def _loop(exp: Experiment, model, opt, ema, batches, step: int, stop_at_step, callbacks, info, book) -> TrainResult:
+    """Train from ``step`` to ``train.steps``: the loop itself (``book`` keeps its records)."""
+    gen, device, tc, run_dir, bar = exp.generator, exp.device, exp.cfg.train, book.run_dir, book.bar
     gen.train()
     with _StopFlag().on_signals() as stop:
         while step < tc.steps:

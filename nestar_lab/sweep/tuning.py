@@ -157,7 +157,8 @@ class Objective:
         if self.spec.sampling_only:
             self._reuse_training(cfg, run_dir)
         else:
-            train(cfg, run_dir, resume=resume, progress=self.progress, callbacks=[self._reporter(trial)])
+            train(cfg, run_dir, resume=resume, progress=self.progress, callbacks=[self._reporter(trial)],
+                  log_group=self.spec.name)  # the config's loggers: the study's group / experiment
         row = evaluate(load_trained(run_dir), run_dir)
         values = []
         for objective in self.spec.objectives:
@@ -194,10 +195,10 @@ class Objective:
             try:
                 if not (shared / "train_summary.json").is_file():
                     if (shared / CHECKPOINT).is_file():
-                        train(training_cfg, shared, resume=True, progress=self.progress)
+                        train(training_cfg, shared, resume=True, progress=self.progress, log_group=self.spec.name)
                     else:  # nothing, or what a trainer that died before its first checkpoint left
                         fresh = {"overwrite": True} if "overwrite" in inspect.signature(train).parameters else {}
-                        train(training_cfg, shared, progress=self.progress, **fresh)
+                        train(training_cfg, shared, progress=self.progress, log_group=self.spec.name, **fresh)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         new_run_dir(cfg, run_dir)
