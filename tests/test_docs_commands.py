@@ -128,7 +128,7 @@ def extract(text: str, source: str) -> list[Command]:
             if assignment:
                 env[assignment[1]] = shlex.split(assignment[2])[0]
             installed = re.search(r"pip install (?:-e )?(\S+)", code)
-            if installed:
+            if installed and not installed[1].strip("'\"").startswith("nestar-lab["):  # a local plugin package
                 packages = (*packages, installed[1])
             add(code, n, expected)
             for found in IN_PROSE.findall(comment):
@@ -151,10 +151,12 @@ def _variants(argv: tuple[str, ...]) -> list[list[str]]:
     synopsis = any(t.startswith("[") for t in argv)
     bare, full, depth = [], [], 0
     for token in argv:
-        depth += len(token) - len(token.lstrip("["))
+        if synopsis:  # brackets mark optional parts (a value such as loggers=[...] keeps its own)
+            depth += len(token) - len(token.lstrip("["))
         inside = depth > 0
-        depth -= len(token) - len(token.rstrip("]"))
-        token = token.strip("[]")
+        if synopsis:
+            depth -= len(token) - len(token.rstrip("]"))
+            token = token.strip("[]")
         if synopsis and "|" in token:
             token = token.split("|")[0]
         if token == "..." and full and not full[-1].startswith("-"):
