@@ -23,3 +23,18 @@ def test_report_fields_are_typed():
     fields = {f.name: f.type for f in dataclasses.fields(StudyReport)}
     assert list(fields) == ["study", "best", "table", "table_path", "plots", "out_dir", "paired"]
     assert StudyReport.__dataclass_params__.frozen
+
+
+def test_arms_plot_shows_each_arm_with_intervals_on_both_objectives(tmp_path):
+    from nestar_lab.sweep.plots import plot_arms
+
+    cols = ["objective:fid", "objective:sec_per_image"]
+    arms = {
+        "k=4": {s: {cols[0]: 20.0 + s, cols[1]: 0.010 + 0.001 * s} for s in range(3)},
+        "k=2": {s: {cols[0]: 18.0 + s, cols[1]: 0.020 + 0.002 * s} for s in range(3)},
+        "k=8": {0: {cols[0]: 25.0, cols[1]: 0.005}},  # one seed: no interval, left out
+    }
+    path = plot_arms(arms, cols, "k=4", tmp_path / "arms.png")
+    assert path == tmp_path / "arms.png" and path.stat().st_size > 0
+    assert plot_arms({"k=8": arms["k=8"]}, cols, "k=8", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

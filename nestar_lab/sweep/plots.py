@@ -120,3 +120,42 @@ def plot_disagreement(study, path: Path) -> Path | None:
         fig.savefig(path)
     plt.close(fig)
     return path if drawn else None
+
+
+def plot_arms(arms: dict[str, dict], columns: list[str], reference: str | None, path: Path) -> Path | None:
+    """A seeded study's arms on two objectives: each arm's mean over its seeds with 95% t-intervals
+    on both axes (the trade-off with its uncertainty; ``nestar_lab.sweep.paired`` says which
+    differences resolve). None with fewer than one arm of two seeds or more."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nestar_lab.sweep.paired import differences
+
+    x_col, y_col = columns
+    points = []
+    for label, by_seed in arms.items():
+        xs = [float(r[x_col]) for r in by_seed.values() if r[x_col] == r[x_col]]
+        ys = [float(r[y_col]) for r in by_seed.values() if r[y_col] == r[y_col]]
+        if len(xs) >= 2 and len(ys) >= 2:
+            px, py = differences(xs), differences(ys)  # differences from 0: the mean and its interval
+            points.append((label, px, py))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, px, py in points:
+        err_x = [[px.mean - px.lo], [px.hi - px.mean]] if math.isfinite(px.lo) else None
+        err_y = [[py.mean - py.lo], [py.hi - py.mean]] if math.isfinite(py.lo) else None
+        ax.errorbar(px.mean, py.mean, xerr=err_x, yerr=err_y, fmt="o" if label != reference else "s", capsize=4,
+                    label=f"{label} (n={min(px.n, py.n)})" + (" (reference)" if label == reference else ""))  # fmt: skip
+    ax.set_xlabel(x_col.removeprefix("objective:"))
+    ax.set_ylabel(y_col.removeprefix("objective:"))
+    ax.set_title("arms: mean over seeds, 95% t-intervals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

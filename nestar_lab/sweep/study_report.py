@@ -70,14 +70,7 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
         return None
     from nestar_lab.sweep.paired import paired
 
-    done = table[table["state"] == "COMPLETE"]
-    keys = [c for c in done.columns if c.startswith("param:") and c != "param:seed"]
-    arms: dict[str, dict] = {}
-    for _, row in done.iterrows():
-        params = {k[len("param:"):]: row[k] for k in keys if row[k] == row[k]}  # NaN: a key not searched here
-        arms.setdefault(arm_label(params), {})[int(row["param:seed"])] = row
-    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
-    ref_label = arm_label(reference) if reference else next(iter(arms), None)
+    arms, ref_label = arms_by_seed(table, spec)
     if ref_label not in arms:
         return f"(no completed trials of the reference arm {ref_label}: nothing to compare with)"
     heads = ["arm", "seeds done", *(f"Δ {o.metric} ({o.direction})" for o in spec.objectives)]
@@ -92,6 +85,19 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
             cells.append(diff.cell(3, o.direction == "minimize"))
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     return f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n" + "\n".join(lines)
+
+
+def arms_by_seed(table: pd.DataFrame, spec: StudySpec) -> tuple[dict[str, dict[int, Any]], str | None]:
+    """The COMPLETE trials of a seeded study as ``{arm label: {seed: row}}``, and the reference
+    arm's label (``spec.reference``, default the first arm)."""
+    done = table[table["state"] == "COMPLETE"]
+    keys = [c for c in done.columns if c.startswith("param:") and c != "param:seed"]
+    arms: dict[str, dict[int, Any]] = {}
+    for _, row in done.iterrows():
+        params = {k[len("param:"):]: row[k] for k in keys if row[k] == row[k]}  # NaN: a key not searched here
+        arms.setdefault(arm_label(params), {})[int(row["param:seed"])] = row
+    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
+    return arms, arm_label(reference) if reference else next(iter(arms), None)
 
 
 @dataclass(frozen=True)
@@ -127,5 +133,11 @@ def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | No
     paired_md = paired_table(table, spec)
     if paired_md is not None:
         (out_dir / "paired.md").write_text(paired_md + "\n")
+        if len(spec.objectives) == 2:  # each arm's mean of both objectives with its 95% intervals
+            from nestar_lab.sweep.plots import plot_arms
+
+            arms, ref_label = arms_by_seed(table, spec)
+            drawn = plot_arms(arms, [f"objective:{o.metric}" for o in spec.objectives], ref_label, out_dir / "arms.png")
+            plots += [drawn] if drawn else []
     return StudyReport(study=study, best=list(best), table=table, table_path=table_path, plots=plots, out_dir=out_dir,
                        paired=paired_md)  # fmt: skip
