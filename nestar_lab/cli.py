@@ -395,6 +395,7 @@ def cmd_study(args) -> int:
     spec = load_study(args.study)
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
+        _print_cost(spec, args)
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty())
         trials = study.get_trials(deepcopy=False)
         states = [t.state.name for t in trials]
@@ -414,6 +415,19 @@ def cmd_study(args) -> int:
         print(out.paired)
     print(f"table and plots in {out.out_dir}: {', '.join(p.name for p in out.plots) or 'no plots'}")
     return 0
+
+
+def _print_cost(spec, args) -> None:
+    """What the run will cost, before its first trial (a timed step unless nothing is left)."""
+    from nestar_lab.sweep.cost import describe_cost, timed_step_seconds
+    from nestar_lab.sweep.storage import check_storage, open_study, tally
+
+    if args.storage:
+        check_storage(args.storage)
+    target = args.trials or spec.trials
+    finished = tally(open_study(spec, args.storage))["finished"] if args.storage or spec.study_dir.exists() else 0
+    left = max(0, target - finished)
+    print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), file=sys.stderr, flush=True)
 
 
 def cmd_describe(args) -> int:

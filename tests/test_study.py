@@ -103,6 +103,8 @@ def test_an_invalid_combination_fails_counts_and_exits_2(tmp_path, tiny_raw, cap
     assert "n=16, k=8" in trial.user_attrs["invalid"]
     assert tally(open_study(spec))["finished"] == 1  # it counts toward --trials: a retry fails the same way
     err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("study tiny_study: 1 trials to run x 6 training steps = 6 steps; about "), err
+    assert "s/step timed here" in err[0]  # the cost, before the first trial
     assert err[-1].startswith("error: 1 trial(s) proposed an invalid config, first trial 0:"), err
 
 

@@ -1,0 +1,46 @@
+"""What a study run will cost, printed before its first trial (``nestar study run``): trials x
+steps, and an estimate from training steps timed here on the base config."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from nestar_lab.config.overrides import read_yaml
+from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.study import StudySpec, apply_dotted
+
+
+def timed_step_seconds(spec: StudySpec, device: str | None = None) -> float:
+    """Seconds of one training step of the study's base config and fixed overrides on this
+    machine: the third of three (the first ones are slow)."""
+    from nestar_lab.run.data import train_batches
+    from nestar_lab.run.experiment import build_experiment
+    from nestar_lab.run.optim import make_optimizer
+    from nestar_lab.run.train import train_step
+
+    raw = apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))
+    if device:
+        raw["device"] = device
+    exp = build_experiment(validate_config(raw))
+    batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
+    took = 0.0
+    for step in range(3):
+        tokens, labels = next(batches)
+        t0 = time.perf_counter()
+        float(train_step(exp, opt, ema, tokens, labels, step)[0].total.detach())
+        took = time.perf_counter() - t0
+    return took
+
+
+def describe_cost(spec: StudySpec, to_run: int, step_s: float | None) -> str:
+    """One line: the trials left, their training steps, and the hours at ``step_s`` (training
+    only: evaluation comes on top)."""
+    steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
+    shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
+    line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
+    if step_s is None or not to_run:
+        return line
+    total = step_s * (steps if spec.sampling_only else to_run * steps)
+    when = f"{total / 3600:.1f} h" if total > 5400 else f"{total / 60:.0f} min"
+    return f"{line}; about {when} of training at {step_s:.2f} s/step timed here (evaluations on top)"
