@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from nestar_plugins.loggers.common import missing_module, scalar_hparams
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from nestar_lab.interfaces import LogRun, Params, RunLogger
 
 _BATCH = 100  # MLflow takes at most this many params per call
+SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 
 
 class MlflowLogger(RunLogger):
@@ -28,6 +29,18 @@ class MlflowLogger(RunLogger):
     class Params(Params):
         tracking_uri: str | None = Field(None, description="default: sqlite:///<output_dir>/mlflow.db")
         experiment: str = Field("nestar-lab", min_length=1, description="a study logs into one named after it")
+
+        @field_validator("tracking_uri")
+        @classmethod
+        def _known_scheme(cls, uri: str | None) -> str | None:
+            """A URI MLflow can open: checked with the config, before any work."""
+            if uri is None:
+                return uri
+            scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+            if scheme not in SCHEMES:
+                raise ValueError(f"expected a tracking URI with one of the schemes {', '.join(SCHEMES)} "
+                                 f"(e.g. sqlite:///runs/mlflow.db or http://host:5000)")  # fmt: skip
+            return uri
 
     @classmethod
     def missing(cls) -> str | None:
