@@ -44,7 +44,7 @@ from nestar_lab.run import results
 from nestar_lab.run.evaluate import evaluate
 from nestar_lab.run.results import config_hash, flatten_config
 from nestar_lab.run.rundir import CHECKPOINT
-from nestar_lab.run.train import load_trained, train
+from nestar_lab.run.train import load_trained, time_step, train
 
 SEC_PER_STEP, SEC_PER_EVAL, SEC_PER_SEARCH_EVAL = 0.6, 40.0, 15.0  # 2-core CPU, for the estimate only
 
@@ -127,22 +127,8 @@ def minutes(seconds: float) -> str:
 
 
 def timed_step(overrides: list[str], args) -> float:
-    """Seconds of one training step of a variant on this machine (the third of three, the first
-    ones being slow), for the estimate."""
-    from nestar_lab.run.data import train_batches
-    from nestar_lab.run.experiment import build_experiment
-    from nestar_lab.run.optim import make_optimizer
-    from nestar_lab.run.train import train_step
-
-    exp = build_experiment(seeded_config(overrides, 1e-3, 0, args, "timing"))
-    batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
-    took = 0.0
-    for step in range(3):
-        tokens, labels = next(batches)
-        t0 = time.perf_counter()
-        float(train_step(exp, opt, ema, tokens, labels, step)[0].total.detach())
-        took = time.perf_counter() - t0
-    return took
+    """Seconds of one training step of a variant on this machine, for the estimate."""
+    return time_step(seeded_config(overrides, 1e-3, 0, args, "timing"))
 
 
 def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str:

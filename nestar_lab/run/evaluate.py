@@ -15,8 +15,8 @@ from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.method.sample import Sampler
 from nestar_lab.run import distributed
 from nestar_lab.run.experiment import Experiment
-from nestar_lab.run.results import append_run
 from nestar_lab.run.loggers import RunLoggers, check_loggers
+from nestar_lab.run.results import append_run
 from nestar_lab.run.rundir import SUMMARY, write_json
 
 

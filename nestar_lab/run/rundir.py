@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any

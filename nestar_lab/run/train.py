@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +24,18 @@ from nestar_lab.interfaces import PassOptions
 from nestar_lab.run import distributed
 from nestar_lab.run.data import train_batches
 from nestar_lab.run.experiment import Experiment, build_experiment
+from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.optim import EMA, lr_factor, make_optimizer, skip_step_if
 from nestar_lab.run.runbook import RunBook, TrainingFailed, cut_log, record_resume, writing
-from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.rundir import (
     SUMMARY,
     RunDirError,
-    refuse_held,
     check_checkpoint_fits,
     check_writable,
     load_checkpoint,
     load_run_config,
     new_run_dir,
+    refuse_held,
     write_json,
 )
 
@@ -337,6 +338,20 @@ def _progress(total: int, initial: int, enabled: bool):
     # line of an error message should stand alone
     return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="train", unit="step",
                 dynamic_ncols=True)  # fmt: skip
+
+
+def time_step(cfg: ExperimentConfig) -> float:
+    """Seconds of one training step of ``cfg`` on this machine: the third of three (the first
+    ones are slow), for cost estimates (``nestar study run``, the quality benchmark)."""
+    exp = build_experiment(cfg)
+    batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
+    took = 0.0
+    for step in range(3):
+        tokens, labels = next(batches)
+        t0 = time.perf_counter()
+        float(train_step(exp, opt, ema, tokens, labels, step)[0].total.detach())
+        took = time.perf_counter() - t0
+    return took
 
 
 def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:

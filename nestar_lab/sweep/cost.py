@@ -4,7 +4,6 @@ steps, and an estimate from training steps timed here on the base config."""
 from __future__ import annotations
 
 import copy
-import time
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
@@ -12,25 +11,13 @@ from nestar_lab.sweep.study import StudySpec, apply_dotted
 
 
 def timed_step_seconds(spec: StudySpec, device: str | None = None) -> float:
-    """Seconds of one training step of the study's base config and fixed overrides on this
-    machine: the third of three (the first ones are slow)."""
-    from nestar_lab.run.data import train_batches
-    from nestar_lab.run.experiment import build_experiment
-    from nestar_lab.run.optim import make_optimizer
-    from nestar_lab.run.train import train_step
+    """Seconds of one training step of the study's base config and fixed overrides here."""
+    from nestar_lab.run.train import time_step
 
     raw = apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))
     if device:
         raw["device"] = device
-    exp = build_experiment(validate_config(raw))
-    batches, (opt, ema) = train_batches(exp, 0), make_optimizer(exp)
-    took = 0.0
-    for step in range(3):
-        tokens, labels = next(batches)
-        t0 = time.perf_counter()
-        float(train_step(exp, opt, ema, tokens, labels, step)[0].total.detach())
-        took = time.perf_counter() - t0
-    return took
+    return time_step(validate_config(raw))
 
 
 def describe_cost(spec: StudySpec, to_run: int, step_s: float | None) -> str:
