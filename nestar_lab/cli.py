@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -144,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error ends as one line on stderr and an exit code (see ``errors``).
     Only the standard library and ``errors`` are imported before this runs, so a Ctrl-C at any
-    moment (the heavy imports included) ends as ``interrupted`` and 130."""
+    moment (the heavy imports included) ends as ``interrupted`` and 130, even where a library
+    caught the KeyboardInterrupt and failed otherwise (a half-imported plugin package)."""
+    _sigint["seen"] = False
+    previous = _catch_sigint()
     try:
         argv = list(argv if argv is not None else sys.argv[1:])
         args = _parser().parse_args(argv)
@@ -159,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
             traceback.print_exc()
+        if _sigint["seen"]:  # whatever the interrupt turned into on its way here
+            print("interrupted", file=sys.stderr)
+            return exit_code_for_signal(None)
         code, lines = describe(exc, batch_hint=_context["batch"])
         for line in lines:
             print(line, file=sys.stderr)
         return code
     finally:  # under torchrun: leave the process group cleanly (gloo aborts a process exiting inside one)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         if "torch" in sys.modules:  # nothing to leave if torch was never loaded (or a Ctrl-C came first)
             try:
                 from nestar_lab.run.distributed import shutdown
@@ -171,6 +180,24 @@ def main(argv: list[str] | None = None) -> int:
                 shutdown()
             except KeyboardInterrupt:
                 pass
+
+
+_sigint = {"seen": False}
+
+
+def _catch_sigint():
+    """SIGINT raises KeyboardInterrupt as usual and is also remembered (main thread only); returns
+    the handler it replaced, or None where none could be set. Training installs its own handler
+    for a clean stop while it runs (``train._StopFlag``), and puts this one back."""
+
+    def on_sigint(signum, frame):
+        _sigint["seen"] = True
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _warn_plugin_problems() -> None:

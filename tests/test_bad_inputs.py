@@ -208,7 +208,7 @@ def test_an_unreadable_results_store_is_kept_aside_when_a_run_adds_its_row(tmp_p
     assert "moved it to" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.8, 1.6])
+@pytest.mark.parametrize("delay", [0.2, 0.5, 0.8, 1.2, 1.8])
 def test_ctrl_c_at_any_moment_is_one_line_and_130(delay, tmp_path):
     """SIGINT while the command is still importing (torch, pydantic) or building the experiment."""
     proc = subprocess.Popen([sys.executable, "-m", "nestar_lab.cli", "describe", str(_config(tmp_path))],
