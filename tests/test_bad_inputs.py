@@ -79,6 +79,9 @@ CASES = {
                           "device: 'cuda' was asked for but no CUDA device is available"),
     "missing_reference_stats": (lambda t, r: ["train", _config(t, metrics=[{"name": "fidelity", "params": {
         "reference": str(t / "ref.npz")}}]), "--run-dir", t / "new" / "run"], 2, "reference statistics not found"),
+    "data_root_missing": (lambda t, r: ["train", _config(t, dataset={"name": "image_folder", "params": {
+        "root": str(t / "imgs"), "resolution": 8}}), "--run-dir", t / "new" / "run"], 2,
+        "dataset.params: image_folder: no folder"),
     # ------------------------------------------------------------------ the command line
     "sample_num_zero": (lambda t, r: ["sample", r, "--num", "0"], 2, "usage:"),
     "train_distributed_zero": (lambda t, r: ["train", _config(t), "--distributed", "0"], 2, "usage:"),

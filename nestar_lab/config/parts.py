@@ -41,6 +41,9 @@ def check_compatibility(cfg) -> list[str]:
     registry = get_registry()
     try:
         dataset = make("dataset", cfg.dataset)  # knows image_shape without loading data
+    except (ValueError, FileNotFoundError) as exc:
+        return [f"dataset.params: {exc}"]
+    try:
         tok_cls = registry.get("tokenizer", cfg.tokenizer.name)
         latent_shape = tok_cls.latent_shape_for(cfg.tokenizer.params_for(tok_cls), dataset.image_shape)
         order = make("token_order", cfg.token_order, grid=latent_shape[1:])
