@@ -38,3 +38,25 @@ def test_arms_plot_shows_each_arm_with_intervals_on_both_objectives(tmp_path):
     assert path == tmp_path / "arms.png" and path.stat().st_size > 0
     assert plot_arms({"k=8": arms["k=8"]}, cols, "k=8", tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_grid_edges_say_whether_a_weight_is_bracketed():
+    import pandas as pd
+
+    from nestar_lab.sweep.study import StudySpec
+    from nestar_lab.sweep.study_report import grid_edges
+
+    spec = StudySpec.model_validate({
+        "name": "c", "base": "b.yaml", "objectives": [{"metric": "fid"}], "seeds": [0, 1],
+        "space": {"coordination.name": {"choices": ["none", "vm", "dm"]},
+                  "coordination.params.weight": {"choices": [0.01, 0.1, 1.0], "if": {"coordination.name": ["vm", "dm"]}}},
+    })  # fmt: skip
+    rows = [{"state": "COMPLETE", "param:coordination.name": name, "param:coordination.params.weight": w,
+             "param:seed": s, "objective:fid": fid + s}
+            for name, w, fid in [("vm", 0.01, 30), ("vm", 0.1, 20), ("vm", 1.0, 25),
+                                 ("dm", 0.01, 30), ("dm", 0.1, 28), ("dm", 1.0, 22)] for s in (0, 1)]  # fmt: skip
+    rows += [{"state": "COMPLETE", "param:coordination.name": "none", "param:seed": s, "objective:fid": 26} for s in (0, 1)]
+    text = grid_edges(pd.DataFrame(rows), spec)
+    assert "coordination.params.weight (coordination.name=vm): best fid at 0.1 of [0.01, 0.1, 1.0], inside" in text
+    assert "coordination.params.weight (coordination.name=dm): best fid at 1 of [0.01, 0.1, 1.0], at the grid's edge" in text
+    assert "none" not in text  # an arm without the key is not a point of its grid

@@ -84,7 +84,40 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
             diff = paired({s: r[col] for s, r in by_seed.items()}, {s: r[col] for s, r in arms[ref_label].items()})
             cells.append(diff.cell(3, o.direction == "minimize"))
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
-    return f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n" + "\n".join(lines)
+    head = f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n"
+    edges = grid_edges(done_rows(table), spec)
+    return head + "\n".join(lines) + (f"\n\n{edges}" if edges else "")
+
+
+def done_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["state"] == "COMPLETE"]
+
+
+def grid_edges(done: pd.DataFrame, spec: StudySpec) -> str | None:
+    """For each searched numeric key with three or more choices (a weight, a learning rate): the
+    value with the best mean first objective, per setting of the other searched keys, and whether
+    it lies inside the grid (bracketed) or at its edge (the optimum may lie beyond)."""
+    objective = spec.objectives[0]
+    col = f"objective:{objective.metric}"
+    notes = []
+    for key, space in spec.space.items():
+        choices = space.choices or []
+        numeric = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if key == "seed" or len(numeric) < 3 or len(numeric) != len(choices) or f"param:{key}" not in done:
+            continue
+        others = [c for c in done.columns if c.startswith("param:") and c not in (f"param:{key}", "param:seed")]
+        rows = done[done[f"param:{key}"].notna()]
+        for setting, group in rows.groupby(others, dropna=False) if others else [((), rows)]:
+            means = group.groupby(f"param:{key}")[col].mean().dropna()
+            if means.empty:
+                continue
+            best = means.idxmin() if objective.direction == "minimize" else means.idxmax()
+            where = "inside the grid (bracketed)" if min(numeric) < best < max(numeric) else \
+                "at the grid's edge: not bracketed, the optimum may lie beyond"  # fmt: skip
+            label = ", ".join(f"{k[len('param:'):]}={v}" for k, v in zip(others, setting if isinstance(setting, tuple) else (setting,)))
+            notes.append(f"- {key}{f' ({label})' if label else ''}: best {objective.metric} at {best:g} "
+                         f"of {sorted(numeric)}, {where}")  # fmt: skip
+    return "Grid edges (by mean over seeds):\n\n" + "\n".join(notes) if notes else None
 
 
 def arms_by_seed(table: pd.DataFrame, spec: StudySpec) -> tuple[dict[str, dict[int, Any]], str | None]:
