@@ -29,7 +29,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from nestar_lab.config.errors import BadInput, describe, exit_code_for_signal  # light: the rest loads in main
+from nestar_lab.config.errors import describe, exit_code_for_signal  # light: the rest loads in main
 
 #: the batch-size setting of the work in progress, named when memory runs out
 _context: dict[str, str | None] = {"batch": None}
@@ -272,28 +272,14 @@ def _relaunch_with_torchrun(args) -> int:
     """``nestar train --distributed N``: the same command under torchrun with N processes."""
     import subprocess
 
-    from nestar_lab.run.distributed import launched_by_torchrun
+    from nestar_lab.run.distributed import launched_by_torchrun, torchrun_command
 
     if launched_by_torchrun():
         print("error: --distributed N is for launching; under torchrun give the plain command", file=sys.stderr)
         return 2
     if args.config:  # validate before starting N processes
         _cfg_from(args.config, args.overrides)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.distributed}",
-              "-m", "nestar_lab.cli", *_without_distributed(args.argv)]  # fmt: skip
-    return subprocess.call(launch)
-
-
-def _without_distributed(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--distributed":
-            skip = True
-        elif not a.startswith("--distributed="):
-            out.append(a)
-    return out
+    return subprocess.call(torchrun_command(args.argv, args.distributed))
 
 
 def cmd_cache_latents(args) -> int:
@@ -344,25 +330,12 @@ def _evaluate_and_print(exp, run_dir) -> int:
     return 0
 
 
-def _image_path(text: str | None, default: Path) -> Path:
-    """``--out``: an image file whose extension PIL writes (its directories are made as needed)."""
-    from PIL import Image
-
-    out = Path(text) if text else default
-    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
-    if out.is_dir() or text and text.endswith(("/", os.sep)):
-        raise BadInput(f"--out {out}: a directory; name the image file, e.g. {out / 'grid.png'}")
-    if out.suffix.lower() not in known:
-        raise BadInput(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png, .jpg, .webp "
-                       f"or another PIL writes")  # fmt: skip
-    return out
-
-
 def cmd_sample(args) -> int:
-    out = _image_path(args.out, Path(args.run_dir) / "grid.png")  # before any work
+    from nestar_lab.run.evaluate import image_path, make_sampler, save_grid
+
+    out = image_path(args.out, Path(args.run_dir) / "grid.png")  # before any work
     import torch
 
-    from nestar_lab.run.evaluate import make_sampler, save_grid
     from nestar_lab.run.train import load_trained
 
     cfg = _run_cfg(args.run_dir, args.overrides)
@@ -422,8 +395,8 @@ def cmd_study(args) -> int:
     spec = load_study(args.study)
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
-        _print_cost(spec, args)
-        study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty())
+        study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty(),
+                          estimate=True)  # fmt: skip
         trials = study.get_trials(deepcopy=False)
         states = [t.state.name for t in trials]
         counts = {s: states.count(s) for s in sorted(set(states))}
@@ -442,19 +415,6 @@ def cmd_study(args) -> int:
         print(out.paired)
     print(f"table and plots in {out.out_dir}: {', '.join(p.name for p in out.plots) or 'no plots'}")
     return 0
-
-
-def _print_cost(spec, args) -> None:
-    """What the run will cost, before its first trial (a timed step unless nothing is left)."""
-    from nestar_lab.sweep.cost import describe_cost, timed_step_seconds
-    from nestar_lab.sweep.storage import check_storage, open_study, tally
-
-    if args.storage:
-        check_storage(args.storage)
-    target = args.trials or spec.trials
-    finished = tally(open_study(spec, args.storage))["finished"] if args.storage or spec.study_dir.exists() else 0
-    left = max(0, target - finished)
-    print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), file=sys.stderr, flush=True)
 
 
 def cmd_describe(args) -> int:

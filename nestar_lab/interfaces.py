@@ -7,7 +7,6 @@ each base class. Hand-offs between parts are the dataclasses below, not dicts.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,28 +457,24 @@ class Metric(Plugin, ABC):
 # ----------------------------------------------------------------------------- run loggers
 @dataclass(frozen=True)
 class LogRun:
-    """The run a logger opens. ``state``: what this logger returned from ``open`` the last time
-    (its run id), ``{}`` for a new run; ``group``: a study's name (its trials log together)."""
+    """The run a logger opens; ``state``: what its last ``open`` returned (``{}`` at first)."""
 
     run_dir: Path
     name: str
     output_dir: Path
     hparams: dict[str, Any]  # the resolved config, flattened (``train.lr`` -> 1e-3)
     state: dict[str, Any]
-    group: str | None = None
+    group: str | None = None  # a study's name: its trials log together
 
 
 class RunLogger(Plugin, ABC):
     """Training curves where researchers watch them (TensorBoard, W&B, MLflow), beside
-    ``train_log.jsonl``, which stays the source of truth. Constructor: ``(params)``.
-
-    Only rank 0 calls a logger, in order: ``open``, then ``log_scalars`` and ``log_evaluation``
-    any number of times with steps that never go back, then ``close``. A resumed run is opened
-    again with the state ``open`` returned, and the core never sends a step twice. What a method
-    raises ends the run with one line naming the logger; the checkpoint and log stay intact."""
+    ``train_log.jsonl``, the source of truth. Constructor: ``(params)``. Rank 0 alone calls, in
+    order: ``open``, ``log_scalars``/``log_evaluation`` with steps that never go back, ``close``;
+    a resume opens again with the state ``open`` returned and never resends a step. ``extra``:
+    the optional install it needs (``pip install 'nestar-lab[EXTRA]'``)."""
 
     plugin_kind = "logger"
-    #: the optional extra that installs what this logger needs (``pip install 'nestar-lab[EXTRA]'``)
     extra: ClassVar[str | None] = None
 
     @classmethod
@@ -497,17 +492,8 @@ class RunLogger(Plugin, ABC):
 
     @abstractmethod
     def log_evaluation(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
-        """The evaluation's metrics (with the hyperparameters, where the tool keeps them) and the
-        sample grid (a PNG file), at the trained step."""
+        """The evaluation's metrics and sample grid (a PNG file), at the trained step."""
 
     @abstractmethod
     def close(self) -> None:
         """Flush and finish (the run can be opened again to continue it)."""
-
-
-def is_power(n: int, k: int) -> int | None:
-    """``M`` with ``k ** M == n``, or ``None``."""
-    if k < 2 or n < 1:
-        return None
-    m = round(math.log(n, k))
-    return m if k**m == n else None

@@ -221,5 +221,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(delay, tmp_path):
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip(f"finished within {delay} s, before the signal")
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT itself (CPython re-raises a KeyboardInterrupt that reached its top
+    # level that way): a shell shows both as 130
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
     assert err.strip().splitlines() == ["interrupted"], err

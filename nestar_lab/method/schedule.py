@@ -9,6 +9,7 @@ to rows of its own step and of earlier steps only (the block-causal mask).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -107,12 +108,18 @@ def coordination_rows(stage: Stage, partner: Stage) -> tuple[Tensor, Tensor, Ten
     return src, tgt, mask, a
 
 
+def is_power(n: int, k: int) -> int | None:
+    """``M`` with ``k ** M == n``, or ``None``."""
+    if k < 2 or n < 1:
+        return None
+    m = round(math.log(n, k))
+    return m if k**m == n else None
+
+
 def nested_schedule(num_tokens: int, k: int) -> Schedule:
     """NestAR: module 1 makes tokens 0..k-1 one at a time; module m >= 2 takes the k^(m-1)
     tokens made so far as its first patch and makes k-1 more patches of k^(m-1) tokens, each
     fed by the patch before it. Raises if ``num_tokens`` is not a power of ``k``."""
-    from nestar_lab.interfaces import is_power
-
     num_modules = is_power(num_tokens, k)
     if num_modules is None or num_modules < 1:
         raise ValueError(f"NestAR needs n = k^M tokens; got n={num_tokens}, k={k}")

@@ -9,6 +9,7 @@ are averaged by DDP; rank 0 alone writes checkpoints, logs and progress bars.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,21 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def torchrun_command(argv: list[str], processes: int) -> list[str]:
+    """``nestar ARGV --distributed N`` as the command that runs ARGV (without ``--distributed``)
+    under torchrun with N processes on this machine."""
+    plain, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--distributed":
+            skip = True
+        elif not a.startswith("--distributed="):
+            plain.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "nestar_lab.cli", *plain]  # fmt: skip
 
 
 def launched_by_torchrun() -> bool:

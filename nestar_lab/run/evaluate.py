@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from nestar_lab.config.errors import BadInput
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.method.sample import Sampler
 from nestar_lab.run import distributed
@@ -116,6 +117,21 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def image_path(text: str | None, default: Path) -> Path:
+    """``--out`` of ``nestar sample``: an image file whose extension PIL writes (its directories
+    are made as needed), or a one-line :class:`BadInput` before any work."""
+    from PIL import Image
+
+    out = Path(text) if text else default
+    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if out.is_dir() or text and text.endswith(("/", os.sep)):
+        raise BadInput(f"--out {out}: a directory; name the image file, e.g. {out / 'grid.png'}")
+    if out.suffix.lower() not in known:
+        raise BadInput(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use .png, .jpg, .webp "
+                       f"or another PIL writes")  # fmt: skip
+    return out
 
 
 def save_grid(samples: Samples, path: str | Path, per_class: int = 10, scale: int = 4) -> None:

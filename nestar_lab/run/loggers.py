@@ -67,8 +67,7 @@ class RunLoggers:
             return self
         from nestar_lab.run.results import flatten_config
 
-        check_loggers(self.cfg)
-        self.book = self._read()
+        self.book = self._read()  # the callers ran check_loggers before any work
         hparams = {k: v for k, v in flatten_config(self.cfg).items() if v is not None}
         for i, spec in enumerate(self.cfg.loggers):
             key = f"{i}:{spec.name}"

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from nestar_lab.run.data import train_batches
 from nestar_lab.run.experiment import Experiment, build_experiment
 from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.optim import EMA, lr_factor, make_optimizer, skip_step_if
-from nestar_lab.run.runbook import RunBook, TrainingFailed, cut_log, record_resume, writing
+from nestar_lab.run.runbook import RunBook, TrainingFailed, config_diff, cut_log, record_resume, writing
 from nestar_lab.run.rundir import (
     SUMMARY,
     RunDirError,
@@ -355,15 +355,9 @@ def time_step(cfg: ExperimentConfig) -> float:
 
 
 def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
-    """``key old -> new`` for each flattened config key that differs (what a ``--set`` changed)."""
-    a, b = _dotted(old.model_dump(mode="json")), _dotted(new.model_dump(mode="json"))
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _dotted(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in _dotted(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): value}
+    """``key old -> new`` for each config key that differs (what a ``--set`` changed)."""
+    diff = config_diff(old.model_dump(mode="json"), new.model_dump(mode="json"))
+    return [f"{key} {change['from']!r} -> {change['to']!r}" for key, change in diff.items()]
 
 
 def load_trained(run_dir: str | Path, use_ema: bool = True, cfg: ExperimentConfig | None = None) -> Experiment:

@@ -48,6 +48,7 @@ from optuna.trial import TrialState
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.cost import describe_cost, timed_step_seconds
 from nestar_lab.sweep.storage import (
     FINISHED,
     StudyFailed,
@@ -229,18 +230,23 @@ def run_study(
     storage: str | None = None,
     workers: int = 1,
     progress: bool = False,
+    estimate: bool = False,
 ) -> optuna.Study:
     """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
     every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
     processes on this machine (one GPU each, round-robin, when several are visible).
 
     Raises :class:`StudyFailed` when a worker died, after ``spec.max_errors_in_a_row`` failed
-    trials in a row, or when interrupted (its trial is re-queued for the next run)."""
+    trials in a row, or when interrupted (its trial is re-queued for the next run). ``estimate``:
+    first print what is left to run and its cost (from a training step timed here) to stderr."""
     trials = trials or spec.trials
     if storage:
         check_storage(storage)  # before the study directory or any trial exists
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
+    if estimate:
+        left = max(0, trials - tally(study)["finished"])
+        print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), file=sys.stderr, flush=True)
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
             study.enqueue_trial(arm, skip_if_exists=True)
