@@ -7,6 +7,7 @@
     nestar run CONFIG [--set ...]      train, sample, evaluate (metrics.json, samples.png)
     nestar eval RUN_DIR                evaluate a trained run again
     nestar table [--where k=4] [--by generator,ode_solver] [--metrics ...] [--format markdown|csv]
+    nestar table --by coordination --reference none    paired differences over seeds, with intervals
     nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
     nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W]
     nestar study report STUDY
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="filter (repeatable)")
     tb.add_argument("--by", default="", help="group by these columns (comma-separated), averaging metrics")
     tb.add_argument("--metrics", default="", help="metric columns to show (comma-separated; default all)")
+    tb.add_argument("--reference", default=None, metavar="VALUE",
+                    help="with --by: pair every group with this one over seeds (mean, 95%% interval, paired difference)")
     tb.add_argument("--format", choices=["markdown", "csv"], default="markdown")
 
     pl = sub.add_parser("plot", help="quality against speed, one point per run, Pareto front marked")
@@ -371,6 +374,12 @@ def cmd_table(args) -> int:
     if df.empty:
         print(f"no results yet in {results.results_path(args.results_dir)}", file=sys.stderr)
         return 1
+    if args.reference is not None:
+        from nestar_lab.sweep import compare
+
+        out = compare.compare(df, args.where, _split(args.by), args.reference, _split(args.metrics))
+        print(compare.to_markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
+        return 0
     out = results.table(df, args.where, _split(args.by), _split(args.metrics))
     print(results.to_markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
     return 0

@@ -75,3 +75,49 @@ def test_failed_metric_is_recorded_and_the_row_kept(tiny_raw, tmp_path, monkeypa
     assert saved["error_fidelity"] == row["error_fidelity"]
     df = results.load(cfg.output_dir)
     assert len(df) == 1 and df.iloc[0]["run_id"] == "run" and "error_fidelity" in df.columns
+
+
+def seeded_rows(tiny_raw, tmp_path, arms: dict[str, list[float]]):
+    """One run per (coordination weight arm, seed) with the given FIDs; seed effects shared by every arm."""
+    for weight, fids in arms.items():
+        for seed, fid in enumerate(fids):
+            raw = {**tiny_raw, "seed": seed, "coordination": {"name": "velocity_matching", "params": {"weight": float(weight)}}}
+            results.append_run(validate_config(raw), tmp_path / f"run-w{weight}-s{seed}",
+                               {"fid_digits_cnn": fid, "class_accuracy": 0.9}, "cpu")  # fmt: skip
+    return tiny_raw["output_dir"]
+
+
+def test_table_reference_pairs_groups_over_seeds(tiny_raw, tmp_path, capsys):
+    seed_effect = [0.0, 3.0, -2.0, 5.0, 1.0]
+    out_dir = seeded_rows(tiny_raw, tmp_path, {
+        "0": [10 + e for e in seed_effect],
+        "0.5": [9 + e + j for e, j in zip(seed_effect, [0.1, -0.1, 0.05, 0.0, -0.05])],  # 1 lower, resolved
+        "2": [10 + e + j for e, j in zip(seed_effect, [1.0, -1.0, 0.5, -0.5, 0.2])],  # no real change
+    })  # fmt: skip
+    assert main(["table", "--results-dir", out_dir, "--by", "coordination.weight", "--reference", "0",
+                 "--metrics", "fid_digits_cnn", "--format", "csv"]) == 0  # fmt: skip
+    frame = pd.read_csv(pd.io.common.StringIO(capsys.readouterr().out), dtype={"group": str}).set_index("group")
+    assert frame.loc["0.5", "diff"] == pytest.approx(-1.0) and frame.loc["0.5", "diff_seeds"] == 5
+    assert frame.loc["0.5", "resolved"] and frame.loc["0.5", "diff_hi"] < 0
+    assert not frame.loc["2.0", "resolved"] and frame.loc["2.0", "diff_lo"] < 0 < frame.loc["2.0", "diff_hi"]
+    # unpaired, the seed effect (std 2.7) swamps the 1.0 difference: the means' intervals overlap
+    assert frame.loc["0.5", "hi"] > frame.loc["0.0", "lo"]
+    assert main(["table", "--results-dir", out_dir, "--by", "coordination.weight", "--reference", "0.0",
+                 "--metrics", "fid_digits_cnn"]) == 0  # fmt: skip
+    md = capsys.readouterr().out
+    assert "| 0.0 (reference) |" in md and "resolved: lower" in md and "not resolved at 5 seeds" in md
+
+
+def test_table_reference_refuses_what_cannot_be_paired(tiny_raw, tmp_path, capsys):
+    out_dir = seeded_rows(tiny_raw, tmp_path, {"0": [10.0, 11.0], "1": [9.0, 10.5]})
+    base = ["table", "--results-dir", out_dir, "--metrics", "fid_digits_cnn"]
+    cases = [
+        (["--by", "coordination.weight", "--reference", "3"], "--reference '3': no runs with coordination.weight = '3'"),
+        (["--reference", "0"], "--reference: give --by too"),
+        (["--by", "coordination", "--reference", "velocity_matching"], "more than one run at seed 0"),
+        (["--by", "coordination.weight", "--reference", "0", "--where", "seed=7"], "no runs left after --where"),
+    ]
+    for extra, want in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err

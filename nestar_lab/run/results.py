@@ -171,7 +171,7 @@ def table(
 ) -> pd.DataFrame:
     """Filter, then either one row per run or (with ``by``) the mean of each metric per group."""
     df = select(df, where)
-    metric_cols = [resolve_column(df, m) for m in metrics] if metrics else _metric_columns(df)
+    metric_cols = [resolve_column(df, m) for m in metrics] if metrics else metric_columns(df)
     if not by:
         return df[["run_id", *metric_cols]].reset_index(drop=True)
     by_cols = [resolve_column(df, b) for b in by]
@@ -181,7 +181,7 @@ def table(
     return out.reset_index()
 
 
-def _metric_columns(df: pd.DataFrame) -> list[str]:
+def metric_columns(df: pd.DataFrame) -> list[str]:
     """Columns that are neither identifiers nor config knobs: the metrics."""
     knobs = set(ID_COLUMNS) | {"name", "seed", "device", "output_dir", "metrics", *COMPONENT_KINDS}
     prefixes = tuple(f"{k}." for k in (*COMPONENT_KINDS, "flow", "train", "sample", "eval"))

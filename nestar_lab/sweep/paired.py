@@ -32,12 +32,16 @@ class Paired:
     def resolved(self) -> bool:
         return self.n >= 2 and (self.lo > 0 or self.hi < 0)
 
-    def cell(self, digits: int, lower_is_better: bool) -> str:
-        """``+1.2 [-0.3, +2.7]`` and the reading: better or worse, or what resolving would take."""
+    def cell(self, digits: int | None, lower_is_better: bool | None) -> str:
+        """``+1.2 [-0.3, +2.7]`` and the reading: better or worse (``lower_is_better`` None: higher
+        or lower), or what resolving would take. ``digits`` None: 4 significant digits."""
         if self.n < 2:
             return "n/a (fewer than 2 common seeds)"
-        diff = f"{self.mean:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+        f = (lambda x: f"{x:+.{digits}f}") if digits is not None else (lambda x: f"{x:+.4g}")
+        diff = f"{f(self.mean)} [{f(self.lo)}, {f(self.hi)}]"
         if self.resolved:
+            if lower_is_better is None:
+                return f"{diff}, resolved: {'lower' if self.mean < 0 else 'higher'}"
             return f"{diff}, resolved: {'better' if (self.mean < 0) == lower_is_better else 'worse'}"
         if self.seeds_needed is None:
             return f"{diff}, not resolved"

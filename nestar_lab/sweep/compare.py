@@ -1,0 +1,135 @@
+"""``nestar table --by KEY --reference VALUE``: any results store as a paired comparison.
+
+The rows of a store (the runs of a study, of ``bench_quality.py``, of your own loop) are grouped
+by ``--by``; each group is paired with the reference group over the ``seed`` both have (a seed
+fixes initialisation, data order and evaluation draw), and every metric gets the group's mean with
+its 95% t-interval and its paired difference from the reference (``nestar_lab.sweep.paired``):
+resolved, or the seeds the observed paired spread says would resolve it. A run evaluated more
+than once counts once, with its last row; two runs of one group at one seed are refused (which
+one pairs is not ours to guess).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from nestar_lab.config.errors import BadInput
+from nestar_lab.run import results
+from nestar_lab.sweep.paired import Paired, differences, paired
+
+
+def group_label(keys: tuple, columns: list[str]) -> str:
+    """``none`` for one ``--by`` column, ``coordination=none, k=4`` for several."""
+    if len(columns) == 1:
+        return str(keys[0])
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, keys))
+
+
+def runs_by_group(df: pd.DataFrame, by_cols: list[str]) -> dict[str, pd.DataFrame]:
+    """``{label: rows indexed by seed}``, one row per run (its last evaluation)."""
+    if "seed" not in df.columns:
+        raise BadInput("--reference: the results have no 'seed' column to pair runs on")
+    if "run_id" in df.columns:
+        df = df.drop_duplicates("run_id", keep="last")
+    groups: dict[str, pd.DataFrame] = {}
+    for keys, rows in df.groupby(by_cols, dropna=False, sort=False):
+        label = group_label(keys if isinstance(keys, tuple) else (keys,), by_cols)
+        twice = rows["seed"][rows["seed"].duplicated()].tolist()
+        if twice:
+            raise BadInput(f"--reference: group {label!r} has more than one run at seed {twice[0]}; "
+                           f"narrow the rows with --where (or --by another column) so that each seed is one run")  # fmt: skip
+        groups[label] = rows.set_index("seed")
+    return groups
+
+
+def find_reference(reference: str, labels: list[str], by_cols: list[str]) -> str:
+    """The group ``--reference`` names: its label exactly, or its values compared as text (``4``
+    matches ``4.0``); one line naming it and the groups present when none matches."""
+    wanted = reference.strip()
+    for label in labels:
+        if label == wanted or _as_number(label) == _as_number(wanted) is not None:
+            return label
+    shown = ", ".join(repr(x) for x in labels) or "none"
+    raise BadInput(f"--reference {reference!r}: no runs with {'/'.join(by_cols)} = {reference!r} in the results; "
+                   f"groups present: {shown}")  # fmt: skip
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, metrics: list[str]) -> pd.DataFrame:
+    """One row per group and metric: seeds, mean, 95% interval of the mean, and the paired
+    difference from the reference group (n, mean, interval, resolved, seeds needed)."""
+    if not by:
+        raise BadInput("--reference: give --by too (the column(s) whose values are compared, e.g. --by coordination)")
+    df = results.select(df, where)
+    if df.empty:
+        raise BadInput("--reference: no runs left after --where; nothing to compare")
+    by_cols = [results.resolve_column(df, b) for b in by]
+    metric_cols = [results.resolve_column(df, m) for m in metrics] if metrics else _numeric_metrics(df)
+    groups = runs_by_group(df, by_cols)
+    ref = find_reference(reference, list(groups), by_cols)
+    rows = []
+    for label, g in groups.items():
+        for m in metric_cols:
+            values = pd.to_numeric(g[m], errors="coerce")
+            own = differences(values.dropna().tolist())  # the mean's interval: differences from 0
+            d = paired(values.to_dict(), pd.to_numeric(groups[ref][m], errors="coerce").to_dict()) \
+                if label != ref else None  # fmt: skip
+            rows.append({"group": label, "metric": m, "seeds": int(values.notna().sum()), "mean": own.mean,
+                         "lo": own.lo, "hi": own.hi, "reference": ref,
+                         "diff_seeds": d.n if d else None, "diff": d.mean if d else None,
+                         "diff_lo": d.lo if d else None, "diff_hi": d.hi if d else None,
+                         "resolved": d.resolved if d else None,
+                         "seeds_needed": d.seeds_needed if d else None})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _numeric_metrics(df: pd.DataFrame) -> list[str]:
+    cols = [c for c in results.metric_columns(df) if c != "run_id" and pd.api.types.is_numeric_dtype(df[c])]
+    if not cols:
+        raise BadInput("--reference: the results have no numeric metric columns")
+    return cols
+
+
+def to_markdown(out: pd.DataFrame) -> str:
+    """The comparison as two markdown tables: each group's means, then the paired differences."""
+    metrics = list(dict.fromkeys(out["metric"]))
+    ref = out["reference"].iloc[0]
+    by_group = {g: rows.set_index("metric") for g, rows in out.groupby("group", sort=False)}
+    head = ["group", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, rows in by_group.items():
+        cells = [_mean_cell(rows.loc[m]) for m in metrics]
+        lines.append(f"| {g}{' (reference)' if g == ref else ''} | " + " | ".join(cells) + " |")
+    means = "Mean [95% t-interval] (seeds):\n\n" + "\n".join(lines)
+    lines = ["| " + " | ".join(["group", *(f"Δ {m}" for m in metrics)]) + " |", "|" + "---|" * len(head)]
+    for g, rows in by_group.items():
+        if g != ref:
+            lines.append(f"| {g} | " + " | ".join(_diff_cell(rows.loc[m]) for m in metrics) + " |")
+    diffs = (f"Paired differences from {ref} (group minus reference over the seeds both have; "
+             f"mean [95% t-interval]):\n\n" + "\n".join(lines))  # fmt: skip
+    return means + "\n\n" + diffs
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _mean_cell(r: pd.Series) -> str:
+    if r["seeds"] < 2:
+        return f"{_fmt(r['mean'])} (1 seed)" if r["seeds"] else "n/a"
+    return f"{_fmt(r['mean'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}] ({int(r['seeds'])})"
+
+
+def _diff_cell(r: pd.Series) -> str:
+    """The paired cell, read as higher or lower (a results store does not say which is better)."""
+    d = Paired(int(r["diff_seeds"]), r["diff"], math.nan, r["diff_lo"], r["diff_hi"],
+               None if pd.isna(r["seeds_needed"]) else int(r["seeds_needed"]))  # fmt: skip
+    return d.cell(None, None)
