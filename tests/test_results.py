@@ -111,6 +111,12 @@ def test_table_reference_pairs_groups_over_seeds(tiny_raw, tmp_path, capsys):
 def test_table_reference_refuses_what_cannot_be_paired(tiny_raw, tmp_path, capsys):
     out_dir = seeded_rows(tiny_raw, tmp_path, {"0": [10.0, 11.0], "1": [9.0, 10.5]})
     base = ["table", "--results-dir", out_dir, "--metrics", "fid_digits_cnn"]
+    # the same run evaluated again with the same settings counts once, with its last row
+    raw = {**tiny_raw, "seed": 1, "coordination": {"name": "velocity_matching", "params": {"weight": 1.0}}}
+    results.append_run(validate_config(raw), tmp_path / "run-w1-s1", {"fid_digits_cnn": 12.0}, "cpu")
+    assert main(base + ["--by", "coordination.weight", "--reference", "0", "--format", "csv"]) == 0
+    frame = pd.read_csv(pd.io.common.StringIO(capsys.readouterr().out), dtype={"group": str}).set_index("group")
+    assert frame.loc["1.0", "mean"] == pytest.approx((9.0 + 12.0) / 2) and frame.loc["1.0", "diff_seeds"] == 2
     cases = [
         (["--by", "coordination.weight", "--reference", "3"], "--reference '3': no runs with coordination.weight = '3'"),
         (["--reference", "0"], "--reference: give --by too"),

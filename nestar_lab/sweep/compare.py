@@ -5,8 +5,9 @@ by ``--by``; each group is paired with the reference group over the ``seed`` bot
 fixes initialisation, data order and evaluation draw), and every metric gets the group's mean with
 its 95% t-interval and its paired difference from the reference (``nestar_lab.sweep.paired``):
 resolved, or the seeds the observed paired spread says would resolve it. A run evaluated more
-than once counts once, with its last row; two runs of one group at one seed are refused (which
-one pairs is not ours to guess).
+than once with the same settings counts once, with its last row; two rows of one group at one
+seed (two runs, or one run evaluated with other sampling settings) are refused: which one pairs
+is not ours to guess, and ``--where`` or another ``--by`` column says it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def runs_by_group(df: pd.DataFrame, by_cols: list[str]) -> dict[str, pd.DataFram
     """``{label: rows indexed by seed}``, one row per run (its last evaluation)."""
     if "seed" not in df.columns:
         raise BadInput("--reference: the results have no 'seed' column to pair runs on")
-    if "run_id" in df.columns:
-        df = df.drop_duplicates("run_id", keep="last")
+    same_eval = [c for c in ("run_id", "config_hash") if c in df.columns]
+    if same_eval:  # a run evaluated again with the same settings: its last row
+        df = df.drop_duplicates(same_eval, keep="last")
     groups: dict[str, pd.DataFrame] = {}
     for keys, rows in df.groupby(by_cols, dropna=False, sort=False):
         label = group_label(keys if isinstance(keys, tuple) else (keys,), by_cols)
