@@ -9,7 +9,7 @@
     nestar table [--where k=4] [--by generator,ode_solver] [--metrics ...] [--format markdown|csv]
     nestar table --by coordination --reference none    paired differences over seeds, with intervals
     nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
-    nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W]
+    nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W] [--dry-run]
     nestar study report STUDY
     nestar describe CONFIG             tokens, modules, sequential steps, parameter counts
     nestar ref-stats CONFIG --out FILE.npz [--split train|test]   ADM-layout reference statistics
@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--timeout", type=_positive_seconds, default=None, help="seconds")
     sr.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: SQLite in the study dir)")
     sr.add_argument("--workers", type=_at_least_one, default=1, help="processes sharing the storage")
+    sr.add_argument("--dry-run", action="store_true",
+                    help="check the study and print what is left and its cost (a timed step); train nothing")
     sp = st_sub.add_parser("report", help="best trials, trials x metrics table, plots")
     sp.add_argument("study")
     sp.add_argument("--storage", default=None)
@@ -404,6 +406,9 @@ def cmd_study(args) -> int:
     spec = load_study(args.study)
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
+        if args.dry_run:
+            run_study(spec, args.trials, storage=args.storage, dry_run=True)
+            return 0
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty(),
                           estimate=True)  # fmt: skip
         trials = study.get_trials(deepcopy=False)

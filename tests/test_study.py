@@ -75,6 +75,27 @@ def test_three_trials_complete_and_each_is_a_run(tmp_path, tiny_raw):
     assert len(run_study(spec, trials=4).trials) == 4
 
 
+def test_a_dry_run_prints_what_is_left_and_creates_nothing(tmp_path, tiny_raw, capsys):
+    spec = write_study(tmp_path, tiny_raw)
+    assert main(["study", "run", str(spec.source), "--trials", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    steps = tiny_raw["train"]["steps"]
+    assert f"study tiny_study: 3 trials to run x {steps} training steps = {3 * steps} steps; about" in out
+    assert "s/step timed here" in out and not spec.study_dir.exists()  # no database, no trial
+    run_study(spec, trials=1)
+    assert main(["study", "run", str(spec.source), "--trials", "3", "--dry-run"]) == 0
+    assert "2 trials to run" in capsys.readouterr().out and len(results_of(spec)) == 1
+    journal = tmp_path / "j.log"  # another storage without the study yet: 3 left, no file made
+    assert main(["study", "run", str(spec.source), "--trials", "3", "--dry-run", "--storage", f"journal:{journal}"]) == 0
+    assert "3 trials to run" in capsys.readouterr().out and not journal.exists()
+
+
+def results_of(spec):
+    from nestar_lab.run import results
+
+    return results.load(spec.study_dir)
+
+
 def test_every_value_and_arm_is_checked_before_any_trial(tmp_path, tiny_raw):
     space = {
         "generator.params.k": {"choices": [2, 3]},  # 3: 64 tokens are no power of 3

@@ -201,6 +201,25 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     return study
 
 
+def finished_so_far(spec: StudySpec, storage: str | None) -> int:
+    """Finished trials of the study in ``storage`` (default: the study directory's SQLite file),
+    read without creating anything: 0 when the database or the study does not exist yet."""
+    if storage is None:
+        db = spec.study_dir / "study.db"
+        if not db.is_file():
+            return 0
+        storage = f"sqlite:///{db.resolve()}"
+    elif storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        return 0
+    elif storage.startswith("journal:") and not Path(storage[len("journal:"):]).is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec.heartbeat_seconds))
+    except KeyError:  # the database exists, this study not yet
+        return 0
+    return tally(study)["finished"]
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and re-queue) the RUNNING trials whose heartbeat expired."""
     with warnings.catch_warnings():

@@ -56,6 +56,7 @@ from nestar_lab.sweep.storage import (
     check_storage,
     default_storage,
     fail_stale,
+    finished_so_far,
     invalid,
     open_study,
     tally,
@@ -231,17 +232,23 @@ def run_study(
     workers: int = 1,
     progress: bool = False,
     estimate: bool = False,
-) -> optuna.Study:
+    dry_run: bool = False,
+) -> optuna.Study | None:
     """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
     every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
     processes on this machine (one GPU each, round-robin, when several are visible).
 
     Raises :class:`StudyFailed` when a worker died, after ``spec.max_errors_in_a_row`` failed
     trials in a row, or when interrupted (its trial is re-queued for the next run). ``estimate``:
-    first print what is left to run and its cost (from a training step timed here) to stderr."""
+    first print what is left to run and its cost (from a training step timed here) to stderr.
+    ``dry_run``: print that (to stdout) and return None, training and creating nothing."""
     trials = trials or spec.trials
     if storage:
         check_storage(storage)  # before the study directory or any trial exists
+    if dry_run:
+        left = max(0, trials - finished_so_far(spec, storage))
+        print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), flush=True)
+        return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
