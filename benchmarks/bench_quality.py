@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import quality_stats
 import torch
-from variants import CONFIG, MATCH_TO, count_params, matched, plans, write_section
+from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, write_section
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import load_config
@@ -220,14 +220,6 @@ def main() -> None:
         if MATCH_TO in todo:
             write_summary(args, table, seeds, b)  # the table so far, after every round
     write_summary(args, table, seeds, b)
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
-    return value
 
 
 def parse_seeds(ap: argparse.ArgumentParser, text: str) -> list[int]:

@@ -9,6 +9,7 @@ ratios show the schedule alone.
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def plans(tokens: int = 64, match: str = "total") -> dict[str, list[str]]:
         raise ValueError(f"match must be one of {', '.join(MATCHES)}; got {match!r}")
     target = count_params(table[MATCH_TO])
     return {label: (ov if label == MATCH_TO else matched(ov, target)) for label, ov in table.items()}
+
+
+def positive(text: str) -> int:
+    """An argparse type (the benchmarks' counts): an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
 
 
 def write_section(path: Path, key: str, body: str) -> None:

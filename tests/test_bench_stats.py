@@ -114,3 +114,49 @@ def test_shown_path_is_relative_inside_the_working_directory(tmp_path, monkeypat
     assert bench_quality.shown_path(tmp_path / "runs" / "q") == "runs/q"
     outside = tmp_path.parent / "elsewhere"
     assert bench_quality.shown_path(outside) == str(outside)
+
+
+def test_bench_sampling_pairs_each_setting_with_the_trained_one(tiny_raw, tmp_path, monkeypatch, capsys):
+    import bench_sampling
+
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.train import train
+
+    tiny_raw["metrics"] = [{"name": "fidelity", "params": {"extractor": "dataset_cnn", "reference": "train"}}]
+    run = train(validate_config(tiny_raw), tmp_path / "run", progress=False).run_dir
+    out = tmp_path / "diag.md"
+    argv = ["bench_sampling.py", str(run), "--vary", "sample.cfg_scale=1", "--eval-seeds", "2",
+            "--samples-per-class", "3", "--out", str(out), "--section", "diag"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_sampling.main()
+    text = out.read_text()
+    assert "<!-- diag:start -->" in text and "| trained settings |" in text and "| sample.cfg_scale=1 |" in text
+    assert "same 2 (run, evaluation seed) draws" in text and "draws" in text.split("| sample.cfg_scale=1 |")[1]
+    assert not (tmp_path / "runs" / "results.csv").exists()  # nothing recorded in a store
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vary", "train.lr=1e-3"], "--vary train.lr: not a sampling key"),
+    (["--vary", "sample.cfg_scale"], "expected KEY=V1,V2"),
+    ([], "--vary: give at least one"),
+    (["--vary", "sample.cfg_scale=1", "--eval-seeds", "0"], "expected an integer of at least 1"),
+])  # fmt: skip
+def test_bench_sampling_refuses_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    import bench_sampling
+
+    monkeypatch.setattr(sys, "argv", ["bench_sampling.py", str(tmp_path), *argv])
+    monkeypatch.setattr(bench_sampling, "evaluate_setting", lambda *a: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as info:
+        bench_sampling.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_sampling_refuses_a_directory_that_is_no_run(tmp_path, monkeypatch):
+    import bench_sampling
+
+    from nestar_lab.config.errors import BadInput
+
+    monkeypatch.setattr(sys, "argv", ["bench_sampling.py", str(tmp_path), "--vary", "sample.cfg_scale=1"])
+    monkeypatch.setattr(bench_sampling, "evaluate_setting", lambda *a: pytest.fail("work started"))
+    with pytest.raises(BadInput, match=str(tmp_path)):
+        bench_sampling.main()

@@ -32,11 +32,12 @@ class Paired:
     def resolved(self) -> bool:
         return self.n >= 2 and (self.lo > 0 or self.hi < 0)
 
-    def cell(self, digits: int | None, lower_is_better: bool | None) -> str:
+    def cell(self, digits: int | None, lower_is_better: bool | None, unit: str = "seeds") -> str:
         """``+1.2 [-0.3, +2.7]`` and the reading: better or worse (``lower_is_better`` None: higher
-        or lower), or what resolving would take. ``digits`` None: 4 significant digits."""
+        or lower), or what resolving would take, counted in ``unit`` (what the differences are paired
+        over). ``digits`` None: 4 significant digits."""
         if self.n < 2:
-            return "n/a (fewer than 2 common seeds)"
+            return f"n/a (fewer than 2 common {unit})"
         f = (lambda x: f"{x:+.{digits}f}") if digits is not None else (lambda x: f"{x:+.4g}")
         diff = f"{f(self.mean)} [{f(self.lo)}, {f(self.hi)}]"
         if self.resolved:
@@ -46,7 +47,7 @@ class Paired:
         if self.seeds_needed is None:
             return f"{diff}, not resolved"
         need = f"> {MAX_SEEDS}" if self.seeds_needed > MAX_SEEDS else f"about {self.seeds_needed}"
-        return f"{diff}, not resolved at {self.n} seeds; {need} would be needed"
+        return f"{diff}, not resolved at {self.n} {unit}; {need} would be needed"
 
 
 def _t(n: int) -> float:
