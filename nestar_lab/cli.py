@@ -6,8 +6,7 @@
     nestar sample RUN_DIR [--num N] [--out FILE.png] [--seed S] [--set sample.cfg_scale=3]
     nestar run CONFIG [--set ...]      train, sample, evaluate (metrics.json, samples.png)
     nestar eval RUN_DIR                evaluate a trained run again
-    nestar table [--where k=4] [--by generator,ode_solver] [--metrics ...] [--format markdown|csv]
-    nestar table --by coordination --reference none    paired differences over seeds, with intervals
+    nestar table [--where k=4] [--by generator,ode_solver [--reference VALUE]] [--metrics ...] [--format csv]
     nestar plot --y fid_digits_cnn [--x sec_per_image] [--out tradeoff.png]
     nestar study run STUDY [--trials N] [--timeout S] [--storage URL] [--workers W] [--dry-run]
     nestar study report STUDY
@@ -28,6 +27,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 
 from nestar_lab.config.errors import describe, exit_code_for_signal  # light: the rest loads in main
@@ -376,14 +376,14 @@ def cmd_table(args) -> int:
     if df.empty:
         print(f"no results yet in {results.results_path(args.results_dir)}", file=sys.stderr)
         return 1
-    if args.reference is not None:
+    by, metrics = _split(args.by), _split(args.metrics)
+    if args.reference is None:
+        out, markdown = results.table(df, args.where, by, metrics), results.to_markdown
+    else:  # paired over seeds against the reference group
         from nestar_lab.sweep import compare
 
-        out = compare.compare(df, args.where, _split(args.by), args.reference, _split(args.metrics))
-        print(compare.to_markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
-        return 0
-    out = results.table(df, args.where, _split(args.by), _split(args.metrics))
-    print(results.to_markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
+        out, markdown = compare.compare(df, args.where, by, args.reference, metrics), compare.to_markdown
+    print(markdown(out) if args.format == "markdown" else out.to_csv(index=False), end="\n")
     return 0
 
 
@@ -401,24 +401,21 @@ def cmd_study(args) -> int:
     from nestar_lab.run.results import to_markdown
     from nestar_lab.sweep.study import load_study
     from nestar_lab.sweep.study_report import report
-    from nestar_lab.sweep.tuning import run_study
+    from nestar_lab.sweep.tuning import invalid_trials, run_study
 
     spec = load_study(args.study)
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
-        if args.dry_run:
-            run_study(spec, args.trials, storage=args.storage, dry_run=True)
-            return 0
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty(),
-                          estimate=True)  # fmt: skip
+                          estimate=True, dry_run=args.dry_run)  # fmt: skip
+        if study is None:  # --dry-run: the cost is printed, nothing ran
+            return 0
         trials = study.get_trials(deepcopy=False)
-        states = [t.state.name for t in trials]
-        counts = {s: states.count(s) for s in sorted(set(states))}
-        print(f"study {spec.name}: {len(states)} trials {counts}; report: nestar study report {args.study}")
-        bad = [t for t in trials if "invalid" in t.user_attrs and t.state.name == "FAIL"]
-        if bad:  # combinations of searched values that no config allows: the study file needs a change
-            print(f"error: {len(bad)} trial(s) proposed an invalid config, first trial {bad[0].number}: "
-                  f"{bad[0].user_attrs['invalid']}; narrow the space or add a condition (if:)", file=sys.stderr)  # fmt: skip
+        counts = Counter(t.state.name for t in trials)
+        print(f"study {spec.name}: {len(trials)} trials {dict(sorted(counts.items()))}; report: nestar study report {args.study}")
+        problem = invalid_trials(trials)
+        if problem:  # combinations of searched values that no config allows: the study file needs a change
+            print(f"error: {problem}", file=sys.stderr)
             return 2
         return 0
     out = report(spec, args.storage)

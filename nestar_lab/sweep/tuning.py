@@ -263,6 +263,15 @@ def run_study(
     return study
 
 
+def invalid_trials(trials: list) -> str | None:
+    """The trials that proposed a config no rule allows, as one line (None when there are none)."""
+    bad = [t for t in trials if invalid(t)]
+    if not bad:
+        return None
+    return (f"{len(bad)} trial(s) proposed an invalid config, first trial {bad[0].number}: "
+            f"{bad[0].user_attrs['invalid']}; narrow the space or add a condition (if:)")
+
+
 def _optimize(study: optuna.Study, spec: StudySpec, trials: int, timeout: float | None, progress: bool) -> None:
     objective = Objective(spec, progress, target=trials)
     start = time.monotonic()
