@@ -127,3 +127,27 @@ def test_table_reference_refuses_what_cannot_be_paired(tiny_raw, tmp_path, capsy
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
+
+
+def test_table_reference_names_a_group_of_several_columns(tiny_raw, tmp_path, capsys):
+    arms = [("none", None, [10.0, 12.0, 11.0]), ("velocity_matching", 0.1, [9.0, 11.2, 10.1]),
+            ("velocity_matching", 1.0, [10.5, 12.1, 11.6])]  # fmt: skip
+    for name, weight, fids in arms:
+        for seed, fid in enumerate(fids):
+            coordination = {"name": name, "params": {} if weight is None else {"weight": weight}}
+            raw = {**tiny_raw, "seed": seed, "coordination": coordination}
+            results.append_run(validate_config(raw), tmp_path / f"{name}-{weight}-{seed}", {"fid_digits_cnn": fid}, "cpu")
+    base = ["table", "--results-dir", tiny_raw["output_dir"], "--by", "coordination,coordination.weight",
+            "--metrics", "fid_digits_cnn"]  # fmt: skip
+    for ref in ("none", "coordination=none"):  # a value of any --by column that picks one group
+        assert main(base + ["--reference", ref]) == 0
+        md = capsys.readouterr().out
+        assert "| coordination=none, coordination.weight=nan (reference) |" in md
+        assert "| coordination=velocity_matching, coordination.weight=0.1 | -0.9" in md
+    assert main(base + ["--reference", "coordination=velocity_matching,weight=1"]) == 0
+    assert "Paired differences from coordination=velocity_matching, coordination.weight=1.0" in capsys.readouterr().out
+    assert main(base + ["--reference", "velocity_matching"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 groups (" in err and "name one with COL=VALUE" in err and len(err.splitlines()) == 1
+    assert main(base + ["--reference", "seed=0"]) == 2
+    assert "seed is not a --by column" in capsys.readouterr().err

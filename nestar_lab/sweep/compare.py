@@ -28,41 +28,57 @@ def group_label(keys: tuple, columns: list[str]) -> str:
     return ", ".join(f"{c}={v}" for c, v in zip(columns, keys))
 
 
-def runs_by_group(df: pd.DataFrame, by_cols: list[str]) -> dict[str, pd.DataFrame]:
-    """``{label: rows indexed by seed}``, one row per run (its last evaluation)."""
+def runs_by_group(df: pd.DataFrame, by_cols: list[str]) -> dict[str, tuple[tuple, pd.DataFrame]]:
+    """``{label: (the group's values, its rows indexed by seed)}``, one row per run and setting."""
     if "seed" not in df.columns:
         raise BadInput("--reference: the results have no 'seed' column to pair runs on")
     same_eval = [c for c in ("run_id", "config_hash") if c in df.columns]
     if same_eval:  # a run evaluated again with the same settings: its last row
         df = df.drop_duplicates(same_eval, keep="last")
-    groups: dict[str, pd.DataFrame] = {}
+    groups: dict[str, tuple[tuple, pd.DataFrame]] = {}
     for keys, rows in df.groupby(by_cols, dropna=False, sort=False):
-        label = group_label(keys if isinstance(keys, tuple) else (keys,), by_cols)
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        label = group_label(keys, by_cols)
         twice = rows["seed"][rows["seed"].duplicated()].tolist()
         if twice:
             raise BadInput(f"--reference: group {label!r} has more than one run at seed {twice[0]}; "
                            f"narrow the rows with --where (or --by another column) so that each seed is one run")  # fmt: skip
-        groups[label] = rows.set_index("seed")
+        groups[label] = (keys, rows.set_index("seed"))
     return groups
 
 
-def find_reference(reference: str, labels: list[str], by_cols: list[str]) -> str:
-    """The group ``--reference`` names: its label exactly, or its values compared as text (``4``
-    matches ``4.0``); one line naming it and the groups present when none matches."""
-    wanted = reference.strip()
-    for label in labels:
-        if label == wanted or _as_number(label) == _as_number(wanted) is not None:
-            return label
-    shown = ", ".join(repr(x) for x in labels) or "none"
-    raise BadInput(f"--reference {reference!r}: no runs with {'/'.join(by_cols)} = {reference!r} in the results; "
+def find_reference(reference: str, groups: dict[str, tuple[tuple, pd.DataFrame]], by_cols: list[str],
+                   df: pd.DataFrame) -> str:  # fmt: skip
+    """The group ``--reference`` names: ``VALUE`` (a value of the one ``--by`` column, or of any of
+    several when that picks one group) or ``COL=VALUE,...``; values compared as text (``4``
+    matches ``4.0``). One line naming it and the groups present when it picks none or several."""
+    wanted: list[tuple[int | None, str]] = []  # (index into by_cols or None: any column, value)
+    for part in reference.split(","):
+        col, sep, value = part.partition("=")
+        if sep:
+            name = results.resolve_column(df, col.strip())
+            if name not in by_cols:
+                raise BadInput(f"--reference {reference!r}: {name} is not a --by column ({', '.join(by_cols)})")
+            wanted.append((by_cols.index(name), value.strip()))
+        else:
+            wanted.append((None, part.strip()))
+    hits = [label for label, (keys, _) in groups.items()
+            if all(any(_same(keys[i], v) for i in (range(len(keys)) if at is None else [at])) for at, v in wanted)]
+    if len(hits) == 1:
+        return hits[0]
+    shown = ", ".join(repr(x) for x in groups) or "none"
+    what = "no runs" if not hits else f"{len(hits)} groups ({', '.join(map(repr, hits))}); name one with COL=VALUE"
+    raise BadInput(f"--reference {reference!r}: {what} with {'/'.join(by_cols)} = {reference!r} in the results; "
                    f"groups present: {shown}")  # fmt: skip
 
 
-def _as_number(text: str) -> float | None:
+def _same(key, text: str) -> bool:
+    if str(key) == text:
+        return True
     try:
-        return float(text)
-    except ValueError:
-        return None
+        return float(key) == float(text)
+    except (TypeError, ValueError):
+        return False
 
 
 def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, metrics: list[str]) -> pd.DataFrame:
@@ -76,13 +92,14 @@ def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, m
     by_cols = [results.resolve_column(df, b) for b in by]
     metric_cols = [results.resolve_column(df, m) for m in metrics] if metrics else _numeric_metrics(df)
     groups = runs_by_group(df, by_cols)
-    ref = find_reference(reference, list(groups), by_cols)
+    ref = find_reference(reference, groups, by_cols, df)
+    ref_rows = groups[ref][1]
     rows = []
-    for label, g in groups.items():
+    for label, (_, g) in groups.items():
         for m in metric_cols:
             values = pd.to_numeric(g[m], errors="coerce")
             own = differences(values.dropna().tolist())  # the mean's interval: differences from 0
-            d = paired(values.to_dict(), pd.to_numeric(groups[ref][m], errors="coerce").to_dict()) \
+            d = paired(values.to_dict(), pd.to_numeric(ref_rows[m], errors="coerce").to_dict()) \
                 if label != ref else None  # fmt: skip
             rows.append({"group": label, "metric": m, "seeds": int(values.notna().sum()), "mean": own.mean,
                          "lo": own.lo, "hi": own.hi, "reference": ref,
