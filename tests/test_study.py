@@ -376,8 +376,10 @@ def test_a_seeded_study_crosses_arms_with_seeds_and_reports_paired_differences(t
     assert main(["study", "report", str(spec.source)]) == 0
     out = capsys.readouterr().out
     assert "Paired differences from generator.params.k=4" in out
-    row = next(line for line in out.splitlines() if line.startswith("| generator.params.k=8 | 3 |"))
-    assert "resolved" in row and "[" in row
+    mean_row, row = [line for line in out.splitlines() if line.startswith("| generator.params.k=8 | 3 |")]
+    assert "resolved" in row and "[" in row and "resolved" not in mean_row
+    means = [line for line in out.splitlines() if line.startswith("| generator.params.k=4 (reference) | 3 |")]
+    assert len(means) == 1 and means[0].count("[") == 1  # the reference arm's own mean and interval
     assert (spec.study_dir / "report" / "paired.md").is_file()
 
 

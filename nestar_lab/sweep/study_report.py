@@ -68,11 +68,19 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
     ``None`` for a study without seeds."""
     if not spec.seeds or table.empty or "param:seed" not in table:
         return None
-    from nestar_lab.sweep.paired import paired
+    from nestar_lab.sweep.paired import differences, paired
 
     arms, ref_label = arms_by_seed(table, spec)
     if ref_label not in arms:
         return f"(no completed trials of the reference arm {ref_label}: nothing to compare with)"
+    heads = ["arm", "seeds done", *(f"{o.metric} mean [95% CI]" for o in spec.objectives)]
+    means = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for label, by_seed in arms.items():  # each arm's own mean and t-interval, beside the differences
+        cells = []
+        for o in spec.objectives:
+            own = differences([float(r[f"objective:{o.metric}"]) for r in by_seed.values()])
+            cells.append(f"{own.mean:.4g}" if own.n < 2 else f"{own.mean:.4g} [{own.lo:.4g}, {own.hi:.4g}]")
+        means.append(f"| {label}{' (reference)' if label == ref_label else ''} | {len(by_seed)} | " + " | ".join(cells) + " |")
     heads = ["arm", "seeds done", *(f"Δ {o.metric} ({o.direction})" for o in spec.objectives)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for label, by_seed in arms.items():
@@ -86,7 +94,8 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     head = f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n"
     edges = grid_edges(done_rows(table), spec)
-    return head + "\n".join(lines) + (f"\n\n{edges}" if edges else "")
+    return ("Each arm over its seeds (mean [95% t-interval]):\n\n" + "\n".join(means) + "\n\n"
+            + head + "\n".join(lines) + (f"\n\n{edges}" if edges else ""))
 
 
 def done_rows(table: pd.DataFrame) -> pd.DataFrame:
