@@ -31,18 +31,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import guidance
 import lr_search
-import numpy as np
 import pandas as pd
 import quality_stats
 import torch
+from quality_store import recorded
 from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, write_section
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import load_config
 from nestar_lab.run import results
 from nestar_lab.run.evaluate import evaluate
-from nestar_lab.run.results import config_hash, flatten_config
+from nestar_lab.run.results import config_hash
 from nestar_lab.run.rundir import CHECKPOINT
 from nestar_lab.run.train import load_trained, time_step, train
 
@@ -83,29 +84,6 @@ def configs(table: dict[str, list[str]], label: str, lr: float, seeds: list[int]
     return {seed: seeded_config(table[label], lr, seed, args, label) for seed in seeds}
 
 
-def recorded(runs: pd.DataFrame, cfgs: dict) -> pd.DataFrame:
-    """The rows of ``runs`` that are runs of ``cfgs`` (seed -> config), the last per seed.
-
-    A row matches when every flattened config column that both it and the config have agrees
-    (metric settings are not among them; an empty cell is no disagreement): a changed variant,
-    lr, step or sample count is rerun, a default added since a row was written is not."""
-    if "seed" not in runs:  # an empty store
-        runs = runs.assign(seed=pd.Series(dtype="int64"))
-    hits = []
-    for seed, cfg in cfgs.items():
-        hit = pd.Series(True, index=runs.index)
-        for key, value in flatten_config(cfg).items():
-            if key in runs and key not in ("device", "output_dir", "metrics") and value is not None:
-                col = runs[key]
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    same = np.isclose(pd.to_numeric(col, errors="coerce"), value)
-                else:
-                    same = col.astype(str) == str(value)
-                hit &= col.isna() | same
-        hits.append(runs[hit].tail(1))
-    return pd.concat([runs.iloc[0:0], *hits])
-
-
 def run_one(cfg, run_dir: Path) -> dict:
     """Train (or resume, or reuse a finished training) and evaluate: one results row."""
     if (run_dir / "train_summary.json").is_file():
@@ -141,11 +119,13 @@ def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str
     step_s = timed_step(next(iter(todo.values())), args) if missing or searches else SEC_PER_STEP
     evals = SEC_PER_EVAL * args.samples_per_class / 50  # sampling and features grow with the samples
     search_s = len(searches) * args.lr_trials * (args.lr_steps * step_s + SEC_PER_SEARCH_EVAL)
-    runs_s = missing * (args.steps * step_s + evals)
+    per_run = 2 * len(args.grid) if args.grid else 1  # the run's own evaluation and the guidance grid's
+    runs_s = missing * (args.steps * step_s + per_run * evals)
     return (f"{len(todo)} variants ({', '.join(todo)}), seeds {seeds}, {args.steps} steps, "
             f"{args.samples_per_class} samples/class. To run: {len(searches)} lr searches x {args.lr_trials}+ "
             f"trials x {args.lr_steps} steps (more where a learning rate must be bracketed), {missing} seeded runs "
-            f"x {args.steps} steps = {missing * args.steps} training steps. Estimate from a timed step here "
+            f"x {args.steps} steps = {missing * args.steps} training steps, each run evaluated {per_run} times "
+            f"(guidance grid x 2 draws). Estimate from a timed step here "
             f"({step_s:.2f} s/step, ~{evals:.0f} s/evaluation): searches {minutes(search_s)} + seeded runs "
             f"{minutes(runs_s)} = {minutes(search_s + runs_s)}")  # fmt: skip
 
@@ -174,7 +154,12 @@ def main() -> None:
     ap.add_argument("--section", default="quality", help="marked section of --out to replace")
     ap.add_argument("--summary-only", action="store_true",
                     help="train nothing: rewrite summary.csv and the markdown section from the runs already stored")
+    ap.add_argument("--guidance", default=",".join(f"{g:g}" for g in guidance.GRID),
+                    help='guidance scales each trained run is evaluated at (the second table); "" for none')
+    ap.add_argument("--guidance-only", action="store_true",
+                    help="train nothing: evaluate the trained runs in --runs-dir at the --guidance scales")
     args = ap.parse_args()
+    args.grid = parse_grid(ap, args.guidance)
     if args.eval_noise:
         return eval_noise(args)
     seeds = parse_seeds(ap, args.seeds)
@@ -191,6 +176,8 @@ def main() -> None:
     if args.summary_only:
         return write_summary(args, table, seeds, b)
     store = out_dir / "lr.json"
+    if args.guidance_only:
+        return guidance_only(args, table, todo, seeds, b)
     print(estimate(todo, seeds, args, b), flush=True)
     lrs = {}
     for label, overrides in todo.items():  # every search first: the seeded runs then go seed by seed
@@ -206,11 +193,15 @@ def main() -> None:
         for label in todo:
             done += 1
             cfg = seeded_config(todo[label], lrs[label], seed, args, label)
+            run_dir = runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}"
             if len(recorded(results.load(out_dir), {seed: cfg})):
                 print(f"[{done}/{total}] {label} seed {seed}: in the results store, skipped", flush=True)
+                if (run_dir / "train_summary.json").is_file():  # trained here: its guidance rows may be missing
+                    guidance.evaluate_grid(cfg, run_dir, out_dir, args.grid)
                 continue
             t1 = time.perf_counter()
-            row = run_one(cfg, runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}")
+            row = run_one(cfg, run_dir)
+            guidance.evaluate_grid(cfg, run_dir, out_dir, args.grid)
             took.append(time.perf_counter() - t1)
             elapsed = time.perf_counter() - start
             left = (total - done) * sum(took) / len(took)  # at this session's measured rate
@@ -219,6 +210,62 @@ def main() -> None:
                   f"elapsed {minutes(elapsed)}, about {minutes(left)} of seeded runs left", flush=True)  # fmt: skip
         if MATCH_TO in todo:
             write_summary(args, table, seeds, b)  # the table so far, after every round
+    write_summary(args, table, seeds, b)
+
+
+def guided_section(args, table, chosen: dict, seeds: list[int], store: pd.DataFrame) -> str:
+    """The second table: every variant at its own guidance scale (``guidance.py``'s rule), with
+    the same statistics; empty until some run has been evaluated over the whole grid."""
+    if not args.grid:
+        return ""
+    picks, found = [], []
+    for label, v in chosen.items():
+        cfgs = configs(table, label, v["lr"], seeds, args)
+        scale, means, chosen_on = guidance.choose(store, cfgs, args.grid)
+        if scale is None:
+            continue
+        picks.append(guidance.describe_choice(label, scale, means, chosen_on, args.grid))
+        found.append(guidance.reported(store, cfgs, scale).assign(variant=label))
+    if not picks:
+        return ""
+    runs = pd.concat(found)
+    summary = quality_stats.summarize(runs, list(table))
+    present = set(runs["variant"])
+    paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO) if MATCH_TO in present else \
+        f"(no guided runs of {MATCH_TO} yet: no paired differences)"  # fmt: skip
+    return (f"\n\n**At each variant's own guidance scale** (grid {', '.join(f'{g:g}' for g in args.grid)}; a "
+            f"variant's scale has the lowest mean FID over its seeds' selection draws, eval seed 9000 + seed; the "
+            f"cells are the reported draws, eval seed 1234 + seed, at that scale; only seeds whose runs were "
+            f"evaluated over the grid; `benchmarks/guidance.py`). Scales chosen: " + "; ".join(picks) + ".\n\n"
+            + quality_stats.markdown(summary)
+            + f"\n\nPaired differences from {MATCH_TO}, each at its own scale:\n\n" + paired)  # fmt: skip
+
+
+def parse_grid(ap: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
+    """``--guidance``: distinct scales of at least 1 (no guidance), at least two, or none at all."""
+    if not text.strip():
+        return ()
+    try:
+        grid = tuple(sorted({float(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        ap.error(f"--guidance: expected comma-separated numbers, got {text!r}")
+    if len(grid) < 2 or grid[0] < 1.0:
+        ap.error(f"--guidance {text!r}: give at least two scales, none below 1.0 (1.0: no guidance)")
+    return grid
+
+
+def guidance_only(args, table, todo, seeds, b) -> None:
+    """Evaluate every trained seeded run of ``todo`` found in ``--runs-dir`` at the guidance grid
+    (rows it already has are skipped), then rewrite the tables."""
+    chosen = lr_search.load_chosen(Path(args.out_dir) / "lr.json")
+    for label in todo:
+        if label not in chosen:
+            print(f"[guidance] {label}: no learning rate chosen yet, skipped", flush=True)
+            continue
+        for seed, cfg in configs(todo, label, chosen[label]["lr"], seeds, args).items():
+            run_dir = runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}"
+            if (run_dir / "train_summary.json").is_file():
+                guidance.evaluate_grid(cfg, run_dir, Path(args.out_dir), args.grid)
     write_summary(args, table, seeds, b)
 
 
@@ -307,7 +354,8 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
             f"0, otherwise the seeds the observed paired spread says would resolve a difference of the observed "
             f"size):\n\n" + paired
             + f"\n\nUnpaired, for reference: what the per-variant 95% intervals support against {MATCH_TO} "
-            f"(overlap: no difference claimed):\n\n" + "\n".join(lines))  # fmt: skip
+            f"(overlap: no difference claimed):\n\n" + "\n".join(lines)
+            + guided_section(args, table, chosen, seeds, store))  # fmt: skip
     print(body, flush=True)
     write_section(Path(args.out), args.section, body)
 

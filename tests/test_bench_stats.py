@@ -160,3 +160,43 @@ def test_bench_sampling_refuses_a_directory_that_is_no_run(tmp_path, monkeypatch
     monkeypatch.setattr(bench_sampling, "evaluate_setting", lambda *a: pytest.fail("work started"))
     with pytest.raises(BadInput, match=str(tmp_path)):
         bench_sampling.main()
+
+
+def test_guidance_grid_is_evaluated_once_chosen_on_selection_draws_and_reported_on_the_runs_own(tiny_raw, tmp_path):
+    import guidance
+
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run import results
+    from nestar_lab.run.evaluate import evaluate
+    from nestar_lab.run.train import load_trained, train
+
+    tiny_raw["metrics"] = [{"name": "fidelity", "params": {"extractor": "dataset_cnn", "reference": "train"}}]
+    tiny_raw["eval"] = {"samples_per_class": 2, "seed": 1234 + tiny_raw.get("seed", 0)}
+    cfg = validate_config(tiny_raw)
+    run = train(cfg, tmp_path / "run", progress=False).run_dir
+    evaluate(load_trained(run), run)  # the run's own row: trained scale 2.0, reported draw
+    out_dir = tiny_raw["output_dir"]
+    logged = []
+    assert guidance.evaluate_grid(cfg, run, out_dir, grid=(1.0, 2.0), log=logged.append) == 3
+    assert guidance.evaluate_grid(cfg, run, out_dir, grid=(1.0, 2.0), log=logged.append) == 0  # resumable
+    store = results.load(out_dir)
+    assert sorted(zip(store["sample.cfg_scale"], store["eval.seed"])) == [(1.0, 1234), (1.0, 9000), (2.0, 1234), (2.0, 9000)]
+    assert set(store["run_id"]) == {"run"} and not (run / "metrics.json").read_text().count("9000")
+    scale, means, seeds = guidance.choose(store, {cfg.seed: cfg}, grid=(1.0, 2.0))
+    sel = store[store["eval.seed"] == 9000].set_index("sample.cfg_scale")["fid_digits_cnn"]
+    assert seeds == [cfg.seed] and means == pytest.approx(sel.to_dict()) and scale == sel.idxmin()
+    rows = guidance.reported(store, {cfg.seed: cfg}, scale)
+    assert len(rows) == 1 and rows["eval.seed"].iloc[0] == 1234 and rows["sample.cfg_scale"].iloc[0] == scale
+    # a run not evaluated over the whole grid gives no choice
+    assert guidance.choose(store, {cfg.seed: cfg}, grid=(1.0, 1.5, 2.0))[0] is None
+    assert len(logged) == 3 and all(line.startswith("[guidance] run: scale ") for line in logged)
+
+
+@pytest.mark.parametrize("text, message", [("1", "at least two scales"), ("0.5,2", "none below 1.0"),
+                                           ("1,x", "comma-separated numbers")])  # fmt: skip
+def test_a_guidance_grid_that_chooses_nothing_is_refused_before_work(text, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--guidance", text])
+    monkeypatch.setattr(bench_quality, "all_plans", lambda: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as info:
+        bench_quality.main()
+    assert info.value.code == 2 and message in capsys.readouterr().err

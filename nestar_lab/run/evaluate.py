@@ -81,7 +81,7 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     save_grid(samples, run_dir / "samples.png")
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
     if record:
-        append_run(exp.cfg, run_dir, row, device=_device_name(exp.device))
+        append_run(exp.cfg, run_dir, row, device=device_name(exp.device))
         with RunLoggers(exp.cfg, run_dir) as loggers:
             loggers.evaluation(trained_steps(run_dir, exp.cfg.train.steps), row, run_dir / "samples.png")
     return row
@@ -113,7 +113,8 @@ def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Sa
     return Samples(images=images_in_order, labels=labels_in_order, stats=stats)
 
 
-def _device_name(device) -> str:
+def device_name(device) -> str:
+    """The device as the results store records it: the GPU's name, or the CPU and its threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"

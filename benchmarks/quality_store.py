@@ -1,0 +1,31 @@
+"""Which rows of the quality benchmark's results store belong to which run: matched by config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from nestar_lab.run.results import flatten_config
+
+
+def recorded(runs: pd.DataFrame, cfgs: dict) -> pd.DataFrame:
+    """The rows of ``runs`` that are runs of ``cfgs`` (seed -> config), the last per seed.
+
+    A row matches when every flattened config column that both it and the config have agrees
+    (metric settings are not among them; an empty cell is no disagreement): a changed variant,
+    lr, step or sample count is rerun, a default added since a row was written is not."""
+    if "seed" not in runs:  # an empty store
+        runs = runs.assign(seed=pd.Series(dtype="int64"))
+    hits = []
+    for seed, cfg in cfgs.items():
+        hit = pd.Series(True, index=runs.index)
+        for key, value in flatten_config(cfg).items():
+            if key in runs and key not in ("device", "output_dir", "metrics", "loggers") and value is not None:
+                col = runs[key]
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    same = np.isclose(pd.to_numeric(col, errors="coerce"), value)
+                else:
+                    same = col.astype(str) == str(value)
+                hit &= col.isna() | same
+        hits.append(runs[hit].tail(1))
+    return pd.concat([runs.iloc[0:0], *hits])
