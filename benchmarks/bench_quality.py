@@ -84,6 +84,17 @@ def configs(table: dict[str, list[str]], label: str, lr: float, seeds: list[int]
     return {seed: seeded_config(table[label], lr, seed, args, label) for seed in seeds}
 
 
+def run_dir_of(label: str, cfg, args) -> Path:
+    return runs_dir(args) / f"{slug(label)}-seed{cfg.seed}-{config_hash(cfg)[:6]}"
+
+
+def needs_training(store: pd.DataFrame, cfg, run_dir: Path, grid) -> bool:
+    """Not in the store, or in it without its guidance grid and without a trained run to evaluate."""
+    if not len(recorded(store, {cfg.seed: cfg})):
+        return True
+    return bool(guidance.missing(store, cfg, grid)) and not (run_dir / "train_summary.json").is_file()
+
+
 def run_one(cfg, run_dir: Path) -> dict:
     """Train (or resume, or reuse a finished training) and evaluate: one results row."""
     if (run_dir / "train_summary.json").is_file():
@@ -113,9 +124,9 @@ def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
     searches = [k for k in todo if not lr_search.current(searched.get(k, {}), todo[k], b)]
-    recorded_runs = sum(len(recorded(store, configs(todo, k, searched[k]["lr"], seeds, args)))
-                        for k in todo if k not in searches)  # fmt: skip
-    missing = len(todo) * len(seeds) - recorded_runs
+    missing = len(searches) * len(seeds) + sum(
+        needs_training(store, cfg, run_dir_of(k, cfg, args), args.grid)
+        for k in todo if k not in searches for cfg in configs(todo, k, searched[k]["lr"], seeds, args).values())
     step_s = timed_step(next(iter(todo.values())), args) if missing or searches else SEC_PER_STEP
     evals = SEC_PER_EVAL * args.samples_per_class / 50  # sampling and features grow with the samples
     search_s = len(searches) * args.lr_trials * (args.lr_steps * step_s + SEC_PER_SEARCH_EVAL)
@@ -193,12 +204,17 @@ def main() -> None:
         for label in todo:
             done += 1
             cfg = seeded_config(todo[label], lrs[label], seed, args, label)
-            run_dir = runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}"
-            if len(recorded(results.load(out_dir), {seed: cfg})):
-                print(f"[{done}/{total}] {label} seed {seed}: in the results store, skipped", flush=True)
-                if (run_dir / "train_summary.json").is_file():  # trained here: its guidance rows may be missing
+            run_dir = run_dir_of(label, cfg, args)
+            rows = results.load(out_dir)
+            if len(recorded(rows, {seed: cfg})):
+                if not guidance.missing(rows, cfg, args.grid):
+                    print(f"[{done}/{total}] {label} seed {seed}: in the results store, skipped", flush=True)
+                    continue
+                if (run_dir / "train_summary.json").is_file():  # trained here: only its grid rows are missing
                     guidance.evaluate_grid(cfg, run_dir, out_dir, args.grid)
-                continue
+                    continue
+                print(f"[{done}/{total}] {label} seed {seed}: in the store without its guidance grid and without "
+                      f"its checkpoint: trained again", flush=True)  # fmt: skip
             t1 = time.perf_counter()
             row = run_one(cfg, run_dir)
             guidance.evaluate_grid(cfg, run_dir, out_dir, args.grid)
@@ -231,8 +247,10 @@ def guided_section(args, table, chosen: dict, seeds: list[int], store: pd.DataFr
     runs = pd.concat(found)
     summary = quality_stats.summarize(runs, list(table))
     present = set(runs["variant"])
-    paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO) if MATCH_TO in present else \
-        f"(no guided runs of {MATCH_TO} yet: no paired differences)"  # fmt: skip
+    if MATCH_TO not in present or present == {MATCH_TO}:
+        paired = f"(no paired differences yet: guided runs of {', '.join(sorted(present))} only)"
+    else:
+        paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO)
     return (f"\n\n**At each variant's own guidance scale** (grid {', '.join(f'{g:g}' for g in args.grid)}; a "
             f"variant's scale has the lowest mean FID over its seeds' selection draws, eval seed 9000 + seed; the "
             f"cells are the reported draws, eval seed 1234 + seed, at that scale; only seeds whose runs were "
@@ -263,7 +281,7 @@ def guidance_only(args, table, todo, seeds, b) -> None:
             print(f"[guidance] {label}: no learning rate chosen yet, skipped", flush=True)
             continue
         for seed, cfg in configs(todo, label, chosen[label]["lr"], seeds, args).items():
-            run_dir = runs_dir(args) / f"{slug(label)}-seed{seed}-{config_hash(cfg)[:6]}"
+            run_dir = run_dir_of(label, cfg, args)
             if (run_dir / "train_summary.json").is_file():
                 guidance.evaluate_grid(cfg, run_dir, Path(args.out_dir), args.grid)
     write_summary(args, table, seeds, b)

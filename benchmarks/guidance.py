@@ -54,6 +54,11 @@ def evaluations(cfg, grid=GRID) -> list:
     return out
 
 
+def missing(store: pd.DataFrame, cfg, grid=GRID) -> int:
+    """How many of the seeded run ``cfg``'s grid evaluations the store lacks."""
+    return sum(not len(recorded(store, {g.seed: g})) for g in evaluations(cfg, grid))
+
+
 def evaluate_grid(cfg, run_dir: Path, out_dir: Path, grid=GRID, log=print) -> int:
     """Evaluate the trained ``run_dir`` at every config of :func:`evaluations` not yet in the
     store of ``out_dir`` and record each row under the run's id; returns how many were new."""

@@ -187,8 +187,14 @@ def test_guidance_grid_is_evaluated_once_chosen_on_selection_draws_and_reported_
     assert seeds == [cfg.seed] and means == pytest.approx(sel.to_dict()) and scale == sel.idxmin()
     rows = guidance.reported(store, {cfg.seed: cfg}, scale)
     assert len(rows) == 1 and rows["eval.seed"].iloc[0] == 1234 and rows["sample.cfg_scale"].iloc[0] == scale
-    # a run not evaluated over the whole grid gives no choice
+    # a run not evaluated over the whole grid gives no choice; it is evaluated if its checkpoint is
+    # here, trained again if not (the store's row alone cannot be sampled at another scale)
     assert guidance.choose(store, {cfg.seed: cfg}, grid=(1.0, 1.5, 2.0))[0] is None
+    assert guidance.missing(store, cfg, (1.0, 1.5, 2.0)) == 2 and guidance.missing(store, cfg, (1.0, 2.0)) == 0
+    assert not bench_quality.needs_training(store, cfg, run, (1.0, 1.5, 2.0))
+    assert bench_quality.needs_training(store, cfg, tmp_path / "gone", (1.0, 1.5, 2.0))
+    assert not bench_quality.needs_training(store, cfg, tmp_path / "gone", (1.0, 2.0))
+    assert bench_quality.needs_training(store.iloc[0:0], cfg, run, ())
     assert len(logged) == 3 and all(line.startswith("[guidance] run: scale ") for line in logged)
 
 
