@@ -120,6 +120,19 @@ def timed_step(overrides: list[str], args) -> float:
     return time_step(seeded_config(overrides, 1e-3, 0, args, "timing"))
 
 
+_STEP_SECONDS: dict[str, float] = {}  # label -> a training step timed here, once per process
+
+
+def run_hours(table: dict[str, list[str]], labels, args) -> dict[str, float]:
+    """Hours of one seeded run of each variant here: its steps at a step timed on this machine
+    (once per process), and its evaluations (the guidance grid's included)."""
+    evals = SEC_PER_EVAL * args.samples_per_class / 50 * (2 * len(args.grid) if args.grid else 1)
+    for label in labels:
+        if label not in _STEP_SECONDS:
+            _STEP_SECONDS[label] = timed_step(table[label], args)
+    return {label: (args.steps * _STEP_SECONDS[label] + evals) / 3600 for label in labels}
+
+
 def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str:
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
@@ -250,7 +263,7 @@ def guided_section(args, table, chosen: dict, seeds: list[int], store: pd.DataFr
     if MATCH_TO not in present or present == {MATCH_TO}:
         paired = f"(no paired differences yet: guided runs of {', '.join(sorted(present))} only)"
     else:
-        paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO)
+        paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO, run_hours(table, present, args))
     return (f"\n\n**At each variant's own guidance scale** (grid {', '.join(f'{g:g}' for g in args.grid)}; a "
             f"variant's scale has the lowest mean FID over its seeds' selection draws, eval seed 9000 + seed; the "
             f"cells are the reported draws, eval seed 1234 + seed, at that scale; only seeds whose runs were "
@@ -357,7 +370,8 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     lines = quality_stats.comparisons(summary, MATCH_TO)
     shown = shown_path(out_dir)
     brackets = "; ".join(f"{k}: lr {v['lr']:g}, {lr_search.describe_bracket(v)}" for k, v in chosen.items())
-    paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO)
+    hours = run_hours(table, sorted(set(runs["variant"])), args)
+    paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO, hours)
     body = (f"Device: {device}. Each variant: {args.steps} training steps per seed at its own learning rate, "
             f"{args.samples_per_class} samples per class, seeds {', '.join(map(str, seeds))} (training seed; "
             f"eval seed 1234 + seed); parameter counts matched to {MATCH_TO}'s (widths chosen by "
@@ -370,7 +384,8 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
             + f"\n\nPaired differences from {MATCH_TO} (variant minus {MATCH_TO} over the seeds both have, same "
             f"data order and evaluation draw per seed; mean [95% t-interval]; resolved when the interval excludes "
             f"0, otherwise the seeds the observed paired spread says would resolve a difference of the observed "
-            f"size):\n\n" + paired
+            f"size; the last column: the seeds that would take beyond those run, and their hours at one run of "
+            f"each variant measured from a training step timed here, evaluations included):\n\n" + paired
             + f"\n\nUnpaired, for reference: what the per-variant 95% intervals support against {MATCH_TO} "
             f"(overlap: no difference claimed):\n\n" + "\n".join(lines)
             + guided_section(args, table, chosen, seeds, store))  # fmt: skip

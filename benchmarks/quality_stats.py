@@ -21,7 +21,7 @@ import math
 import pandas as pd
 from scipy import stats
 
-from nestar_lab.sweep.paired import Paired
+from nestar_lab.sweep.paired import MAX_SEEDS, Paired
 from nestar_lab.sweep.paired import paired as paired_over_seeds
 
 METRICS = {  # results column -> (table heading, digits shown, lower is better, bounds of the interval)
@@ -130,19 +130,46 @@ def paired_cell(p: Paired, col: str) -> str:
     return p.cell(METRICS[col][1], METRICS[col][2])
 
 
-def paired_markdown(runs: pd.DataFrame, order: list[str], reference: str) -> str:
+COST_METRICS = ("fid_digits_cnn", "recall_digits_cnn")  # the headline's questions: what resolving them costs
+
+
+def resolving_cost(ps: dict[str, Paired], hours_per_seed: float | None) -> str:
+    """What resolving the unresolved FID and recall differences would cost: the seeds the observed
+    paired spread asks for beyond those run, and (``hours_per_seed``: one run of the variant and
+    one of the reference) the hours here."""
+    parts = []
+    for col, p in ps.items():
+        if col not in COST_METRICS or p.n < 2 or p.resolved or p.seeds_needed is None:
+            continue
+        name = METRICS[col][0].split(" (")[0]
+        if p.seeds_needed > MAX_SEEDS:
+            parts.append(f"{name}: more than {MAX_SEEDS} seeds")
+            continue
+        more = p.seeds_needed - p.n
+        when = f", about {more * hours_per_seed:.1f} h here" if hours_per_seed else ""
+        parts.append(f"{name}: {more} more seed{'s' * (more != 1)}{when}")
+    return "; ".join(parts) or "nothing unresolved"
+
+
+def paired_markdown(runs: pd.DataFrame, order: list[str], reference: str,
+                    run_hours: dict[str, float] | None = None) -> str:  # fmt: skip
     """One row per variant: its paired difference from ``reference`` on every metric (variant
-    minus reference; better/worse in the metric's own direction)."""
+    minus reference; better/worse in the metric's own direction), and what resolving FID and
+    recall would cost (``run_hours``: hours of one seeded run per variant, measured here)."""
     present = set(runs["variant"]) if "variant" in runs else set()
     if reference not in present:
         raise ValueError(f"reference variant {reference!r} has no runs in the results; run it first "
                          f"(present: {', '.join(sorted(present)) or 'none'})")  # fmt: skip
     cols = [c for c in METRICS if c in runs]
-    heads = ["variant", "common seeds", *(f"Δ {METRICS[c][0]}" for c in cols)]
+    heads = ["variant", "common seeds", *(f"Δ {METRICS[c][0]}" for c in cols), "to resolve FID and recall"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for label in order:
         if label == reference or label not in present:
             continue
-        ps = [paired(runs, label, reference, c) for c in cols]
-        lines.append("| " + " | ".join([label, str(ps[0].n), *(paired_cell(p, c) for p, c in zip(ps, cols))]) + " |")
+        ps = {c: paired(runs, label, reference, c) for c in cols}
+        hours = run_hours[label] + run_hours[reference] if run_hours and label in run_hours and reference in run_hours \
+            else None  # fmt: skip
+        n = next(iter(ps.values())).n
+        cells = [label, str(n), *(paired_cell(p, c) for c, p in ps.items()), resolving_cost(ps, hours)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

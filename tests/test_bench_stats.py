@@ -201,3 +201,16 @@ def test_guidance_grid_is_evaluated_once_chosen_on_selection_draws_and_reported_
     assert bench_quality.needs_training(store.iloc[0:0], cfg, run, ())
     assert len(logged) == 3 and all(line.startswith("[guidance] run: scale ") for line in logged)
 
+
+
+def test_resolving_cost_names_the_seeds_beyond_those_run_and_their_hours():
+    from nestar_lab.sweep.paired import Paired
+
+    open_fid = Paired(3, -2.0, 2.0, -7.0, 3.0, 8)  # not resolved: 8 seeds would be needed
+    resolved = Paired(3, -5.0, 0.5, -6.2, -3.8, None)
+    hopeless = Paired(3, 0.001, 0.2, -0.5, 0.5, 51)
+    assert quality_stats.resolving_cost({"fid_digits_cnn": open_fid, "precision_digits_cnn": open_fid}, 1.5) == \
+        "FID: 5 more seeds, about 7.5 h here"  # precision is not among the costed questions
+    assert quality_stats.resolving_cost({"fid_digits_cnn": resolved, "recall_digits_cnn": hopeless}, None) == \
+        "recall: more than 50 seeds"
+    assert quality_stats.resolving_cost({"fid_digits_cnn": resolved}, 2.0) == "nothing unresolved"
