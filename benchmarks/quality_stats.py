@@ -137,6 +137,8 @@ def resolving_cost(ps: dict[str, Paired], hours_per_seed: float | None) -> str:
     """What resolving the unresolved FID and recall differences would cost: the seeds the observed
     paired spread asks for beyond those run, and (``hours_per_seed``: one run of the variant and
     one of the reference) the hours here."""
+    if all(p.n < 2 for p in ps.values()):
+        return "fewer than 2 common seeds: no estimate yet"
     parts = []
     for col, p in ps.items():
         if col not in COST_METRICS or p.n < 2 or p.resolved or p.seeds_needed is None:
