@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import lr_search
 import pandas as pd
 import quality_stats
 import torch
-from quality_store import recorded
+from quality_store import evaluate_aside, recorded
 from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, write_section
 
 from nestar_lab.config.overrides import read_yaml
@@ -329,8 +328,7 @@ def eval_noise(args) -> None:
                                                                                "seed": 9000 + k})})  # fmt: skip
             cfg = cfg.model_copy(update={"metrics": [m for m in cfg.metrics if m.name == "fidelity"] or cfg.metrics})
             t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as scratch:  # metrics.json and the grid: not kept
-                row = evaluate(load_trained(run_dir, cfg=cfg), scratch, record=False)
+            row = evaluate_aside(run_dir, cfg)
             took.append(time.perf_counter() - t0)
             fids.append(float(row["fid_digits_cnn"]))
             print(f"[eval-noise] {count}/class, eval seed {9000 + k}: FID {fids[-1]:.2f} ({took[-1]:.0f} s)", flush=True)

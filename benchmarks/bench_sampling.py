@@ -23,19 +23,17 @@ import argparse
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from quality_store import evaluate_aside
 from variants import positive, write_section
 
 from nestar_lab.config.errors import BadInput
 from nestar_lab.config.validation import load_config
-from nestar_lab.run.evaluate import evaluate
 from nestar_lab.run.rundir import CONFIG, load_run_config
-from nestar_lab.run.train import load_trained
 from nestar_lab.sweep.paired import differences
 from nestar_lab.sweep.study import is_sampling_key
 
@@ -70,8 +68,7 @@ def evaluate_setting(run_dir: Path, overrides: list[str], eval_seed: int, sample
                                  "metrics": [m for m in cfg.metrics if m.name == "fidelity"] or cfg.metrics,
                                  "loggers": []})  # fmt: skip
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:  # metrics.json and the grid: not kept
-        row = evaluate(load_trained(run_dir, cfg=cfg), scratch, record=False)
+    row = evaluate_aside(run_dir, cfg)
     return row, time.perf_counter() - t0
 
 

@@ -20,15 +20,14 @@ apart by ``sample.cfg_scale`` and ``eval.seed``.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pandas as pd
-from quality_store import recorded
+from quality_store import evaluate_aside, recorded
 
 from nestar_lab.run import results
-from nestar_lab.run.evaluate import device_name, evaluate
-from nestar_lab.run.train import load_trained
+from nestar_lab.run.evaluate import device_name
+from nestar_lab.run.experiment import pick_device
 
 GRID = (1.0, 1.25, 1.5, 2.0, 3.0)
 SELECT = 9000  # selection draw: eval.seed = SELECT + seed
@@ -66,10 +65,8 @@ def evaluate_grid(cfg, run_dir: Path, out_dir: Path, grid=GRID, log=print) -> in
     for g in evaluations(cfg, grid):
         if len(recorded(results.load(out_dir), {g.seed: g})):
             continue
-        exp = load_trained(run_dir, cfg=g)
-        with tempfile.TemporaryDirectory() as scratch:  # metrics.json and the grid: the run keeps its own
-            row = evaluate(exp, scratch, record=False)
-        results.append_run(g, run_dir, row, device=device_name(exp.device))
+        row = evaluate_aside(run_dir, g)
+        results.append_run(g, run_dir, row, device=device_name(pick_device(g.device)))
         new += 1
         log(f"[guidance] {run_dir.name}: scale {g.sample.cfg_scale:g}, eval seed {g.eval.seed}: "
             f"FID {row.get('fid_digits_cnn', float('nan')):.2f}")  # fmt: skip
