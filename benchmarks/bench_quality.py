@@ -71,8 +71,13 @@ def selected(table: dict[str, list[str]], wanted: list[str]) -> dict[str, list[s
 
 
 def seeded_config(overrides: list[str], lr: float, seed: int, args, label: str):
+    """The seeded run's config: the variant at its learning rate, ``seed`` (data order and
+    evaluation draw), and one precision for every run of the table (``--precision``, fp32 by
+    default: ``auto`` would train in bf16 on a CPU with fast bf16 and in fp32 on one without, and
+    a seed's pair would then differ in precision as well as in variant)."""
     device = [f"device={args.device}"] if getattr(args, "device", "auto") != "auto" else []
     return load_config(CONFIG, overrides + device + [
+        f"train.precision={getattr(args, 'precision', 'fp32')}",
         f"train.lr={lr}", f"train.steps={args.steps}", f"eval.samples_per_class={args.samples_per_class}",
         f"seed={seed}", f"eval.seed={1234 + seed}", f"output_dir={args.out_dir}", f"name={slug(label)}",
     ])  # fmt: skip
@@ -160,6 +165,9 @@ def main() -> None:
     ap.add_argument("--samples-per-class", type=positive, default=50, help="evaluation samples per class")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (at least 2; 5 or more to resolve much)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                    help="training and sampling precision of every seeded run (default fp32: the same on every "
+                         "machine, so seeds trained on different machines pair; auto differs by CPU)")
     ap.add_argument("--variants", default="", help='comma-separated labels, or their part before " (" (default: all)')
     ap.add_argument("--lr-trials", type=positive, default=3, help="learning rates of the first grid (log-spaced)")
     ap.add_argument("--lr-steps", type=positive, default=150, help="training steps of each learning-rate trial")
