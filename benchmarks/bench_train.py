@@ -21,11 +21,10 @@ from types import SimpleNamespace
 import paper_size
 import torch
 from flops import count_flops, matmul_peaks, median_seconds
-from speed_table import device_name
 from variants import write_section
 
 from nestar_lab.config.parts import make
-from nestar_lab.run.experiment import Experiment, pick_device, use_bf16
+from nestar_lab.run.experiment import Experiment, device_name, pick_device, use_bf16
 from nestar_lab.run.optim import make_optimizer
 from nestar_lab.run.train import train_step
 

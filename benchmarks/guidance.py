@@ -26,8 +26,7 @@ import pandas as pd
 from quality_store import evaluate_aside, recorded
 
 from nestar_lab.run import results
-from nestar_lab.run.evaluate import device_name
-from nestar_lab.run.experiment import pick_device
+from nestar_lab.run.experiment import device_name, pick_device
 
 GRID = (1.0, 1.25, 1.5, 2.0, 3.0)
 SELECT = 9000  # selection draw: eval.seed = SELECT + seed

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
 from flops import peak_line
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from nestar_lab.run.experiment import device_name
 
 
 def caption(device: torch.device, bf16: bool, peaks: dict, images: int, repeats: int) -> str:

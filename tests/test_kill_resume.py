@@ -43,7 +43,7 @@ pytestmark = [
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12: most kills land between two of them
 DDP_STEPS, DDP_EVERY = 6, 2  # a DDP launch costs ~45 s of start-up on a loaded 2-core machine: one kill
 SEGMENT_TIMEOUT = 240  # seconds for one training process, start-up included, on a loaded machine
-STEP_WAIT = 0.15  # the longest random wait after a step's log line before the kill
+STEP_WAIT = 0.15  # the longest random wait after a step's log line before the kill (see _step_wait)
 
 HOOK = '''
 import os, time
@@ -167,9 +167,10 @@ def _segment(cmd, env, log: Path, run: Path, kill_after: int | None, wait: float
 
 
 def _train_with_kills(rng: random.Random, run: Path, config: Path, steps: int, every: int, env, log: Path,
-                      extra: tuple[str, ...] = (), kills: int = 2) -> list[str]:  # fmt: skip
+                      extra: tuple[str, ...] = (), kills: int = 2, timed: Path | None = None) -> list[str]:  # fmt: skip
     """Train ``config`` in ``run``, SIGKILLing it ``kills`` times at random moments after its
-    first checkpoint, resuming after each, until it finishes. Returns what happened, for messages."""
+    first checkpoint, resuming after each, until it finishes (each kill waits a random part of a
+    step of the run ``timed``, see :func:`_step_wait`). Returns what happened, for messages."""
     history: list[str] = []
     cmd = _train_cmd(config, "--run-dir", run, *extra)
     progress = every  # a kill is drawn after a step past the first checkpoint, later than the last kill
@@ -177,7 +178,7 @@ def _train_with_kills(rng: random.Random, run: Path, config: Path, steps: int, e
         left = kills - len(history)  # kills still to land: each gets its share of the steps left
         high = min(progress + max(1, (steps - 2 - progress) // max(left, 1)), steps - 2)
         target = rng.randint(progress + 1, high) if left and progress + 1 <= high else None
-        wait = rng.uniform(0, STEP_WAIT)
+        wait = rng.uniform(0, _step_wait(timed or run))
         code, at = _segment(cmd, env, log, run, target, wait)
         if at is None:
             assert code == 0, f"segment after {history} failed with exit code {code}:\n{_tail(log)}"
@@ -191,6 +192,18 @@ def _train_with_kills(rng: random.Random, run: Path, config: Path, steps: int, e
     assert code == 0, f"final resume after {history} failed with exit code {code}:\n{_tail(log)}"
     history.append("finished")
     return history
+
+
+def _step_wait(run: Path) -> float:
+    """The longest random wait before a kill: a step of this run as its log timed it (a kill lands
+    at a random moment of the next step or so, not several steps late where steps are fast), at
+    most ``STEP_WAIT``; ``STEP_WAIT`` before the run has logged a step."""
+    try:
+        times = [json.loads(line).get("step_seconds") for line in (run / "train_log.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return STEP_WAIT
+    times = sorted(t for t in times if isinstance(t, (int, float)))
+    return min(STEP_WAIT, times[len(times) // 2]) if times else STEP_WAIT
 
 
 def _differences(ref, got, path: str = "") -> list[str]:
@@ -261,7 +274,7 @@ def test_random_sigkills_resume_to_identical_weights(reference, work, cache):
     config, ref_run = reference
     rng = random.Random(20261204)
     run, log = work / "B", work / "B.out"
-    history = _train_with_kills(rng, run, config, STEPS, EVERY, _env(cache), log, kills=2)
+    history = _train_with_kills(rng, run, config, STEPS, EVERY, _env(cache), log, kills=2, timed=ref_run)
     assert sum(h.startswith("killed") for h in history) == 2, f"expected 2 kills to land: {history}"
     _assert_same_as_reference(ref_run, run, STEPS, history)
 
@@ -311,7 +324,8 @@ def test_random_sigkills_under_two_process_gloo_ddp(work, cache):
     assert json.loads((ref_run / "train_summary.json").read_text())["world_size"] == 2
     rng = random.Random(2)
     run, log = work / "DDP_B", work / "DDP_B.out"
-    history = _train_with_kills(rng, run, config, DDP_STEPS, DDP_EVERY, env, log, ("--distributed", "2"), kills=1)
+    history = _train_with_kills(rng, run, config, DDP_STEPS, DDP_EVERY, env, log, ("--distributed", "2"), kills=1,
+                                timed=ref_run)  # fmt: skip
     assert sum(h.startswith("killed") for h in history) >= 1, f"no kill landed before the run ended: {history}"
     _assert_same_as_reference(ref_run, run, DDP_STEPS, history)
     assert json.loads((run / "train_summary.json").read_text())["world_size"] == 2

@@ -175,6 +175,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_raw):
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_cpu_bf16_attention_runs_in_fp32_and_matches_fp32():
+    """Under CPU bf16 autocast the attention kernel computes in fp32 (its bf16 backward is slow) and
+    hands back bf16; values and gradients agree with fp32 attention up to bf16 rounding."""
+    from nestar_plugins.scale_modules.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(3, 10, 32)
+    mask = torch.tril(torch.ones(10, 10, dtype=torch.bool))
+    ref = attn(x, mask)
+    ref.square().sum().backward()
+    ref_grad = attn.qkv.weight.grad.clone()
+    attn.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    assert torch.nn.functional.cosine_similarity(attn.qkv.weight.grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
+    torch.testing.assert_close(attn(x, None), attn(x, torch.ones(10, 10, dtype=torch.bool)))  # no mask: all rows
+
+
 def test_flex_attention_block_masks_match_sdpa(tiny_raw):
     """The FlexAttention path (the default on CUDA) equals SDPA with the dense mask; checked
     here in eager mode on the CPU."""

@@ -77,6 +77,20 @@ def test_failed_metric_is_recorded_and_the_row_kept(tiny_raw, tmp_path, monkeypa
     assert len(df) == 1 and df.iloc[0]["run_id"] == "run" and "error_fidelity" in df.columns
 
 
+def test_a_row_says_where_and_in_which_precision_its_run_trained_and_sampled(tiny_raw, tmp_path):
+    """Two rows are comparable only if they trained alike: ``auto`` precision is bf16 on a CPU with
+    fast bf16 and fp32 on one without, so the store records what it resolved to, and the device."""
+    cfg = validate_config({**tiny_raw, "train": {**tiny_raw["train"], "precision": "fp32"}})
+    run = train(cfg, tmp_path / "run", progress=False).run_dir
+    evaluate(load_trained(run), run)
+    row = results.load(cfg.output_dir).iloc[0]
+    assert row["device"] == "cpu" and row["hardware"].startswith("CPU (") and "threads" in row["hardware"]
+    assert (row["train_precision"], row["sample_precision"]) == ("fp32", "fp32")
+    assert row["train_hardware"] == row["hardware"]
+    assert not {"hardware", "train_hardware", "train_precision", "sample_precision"} & set(results.metric_columns(
+        results.load(cfg.output_dir)))  # fmt: skip
+
+
 def seeded_rows(tiny_raw, tmp_path, arms: dict[str, list[float]]):
     """One run per (coordination weight arm, seed) with the given FIDs; seed effects shared by every arm."""
     for weight, fids in arms.items():

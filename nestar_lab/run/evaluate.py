@@ -15,7 +15,7 @@ from nestar_lab.config.errors import BadInput
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.method.sample import Sampler
 from nestar_lab.run import distributed
-from nestar_lab.run.experiment import Experiment
+from nestar_lab.run.experiment import Experiment, device_name, precision_name
 from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.results import append_run
 from nestar_lab.run.rundir import SUMMARY, write_json
@@ -77,7 +77,8 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
     row.setdefault("nfe_per_image", st.nfe_per_image)
     for i, nfe in enumerate(st.nfe_per_module):
         row.setdefault(f"nfe_module_{i + 1}", nfe)
-    row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds, sample_captured=int(st.captured))
+    row.update(eval_num_samples=st.num_images, eval_sample_seconds=st.seconds, sample_captured=int(st.captured),
+               sample_precision=precision_name(exp.device, exp.cfg.train.precision), **trained_on(run_dir))
     save_grid(samples, run_dir / "samples.png")
     write_json(run_dir / "metrics.json", {"evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": row})
     if record:
@@ -93,6 +94,22 @@ def trained_steps(run_dir: Path, default: int) -> int:
         return int(json.loads((run_dir / SUMMARY).read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return default
+
+
+def trained_on(run_dir: Path) -> dict[str, str]:
+    """``train_hardware`` and ``train_precision`` of the run's training segments (``a+b`` where
+    segments differed; nothing for a run whose summary predates them): whether two runs of a
+    comparison trained alike, whatever machine evaluates them."""
+    try:
+        segments = json.loads((run_dir / SUMMARY).read_text()).get("segment_history") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out = {}
+    for key in ("hardware", "precision"):
+        seen = list(dict.fromkeys(str(s[key]) for s in segments if isinstance(s, dict) and s.get(key)))
+        if seen:
+            out[f"train_{key}"] = "+".join(seen)
+    return out
 
 
 def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Samples:
@@ -111,13 +128,6 @@ def sample_sharded(sampler, labels: torch.Tensor, seed: int, device, info) -> Sa
     stats = SampleStats(len(labels), mine.stats.sequential_steps, mine.stats.nfe_per_image, float(seconds.item()),
                         mine.stats.context_passes, mine.stats.nfe_per_module)  # fmt: skip
     return Samples(images=images_in_order, labels=labels_in_order, stats=stats)
-
-
-def device_name(device) -> str:
-    """The device as the results store records it: the GPU's name, or the CPU and its threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def image_path(text: str | None, default: Path) -> Path:

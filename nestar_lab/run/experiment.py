@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from dataclasses import dataclass
 from typing import Callable
 
@@ -131,6 +132,26 @@ def use_bf16(device: torch.device, precision: str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def precision_name(device: torch.device, precision: str) -> str:
+    """``bf16`` or ``fp32``: what ``precision`` resolves to on ``device`` (:func:`use_bf16`)."""
+    return "bf16" if use_bf16(device, precision) else "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    """The device as runs and tables record it: the GPU's name, or the CPU's model, its threads and
+    whether it has fast bf16 (``auto`` precision trains in bf16 there and in fp32 elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    fast = ", fast bf16" if cpu_has_fast_bf16() else ""
+    return f"CPU ({model}, {torch.get_num_threads()} threads{fast})"
 
 
 def autocast_factory(device: torch.device, precision: str):

@@ -23,7 +23,10 @@ from nestar_lab.config.errors import BadInput
 from nestar_lab.config.schema import COMPONENT_KINDS, ExperimentConfig
 
 RESULTS_FILE = "results.csv"
-ID_COLUMNS = ("run_id", "time", "config_hash", "device", "run_dir")
+ID_COLUMNS = ("run_id", "time", "config_hash", "device", "hardware", "run_dir")
+#: where and how a row's run was trained and sampled (``evaluate``): not metrics, but what says
+#: whether two rows are comparable (bf16 on one machine, fp32 on another)
+PROVENANCE_COLUMNS = ("sample_precision", "train_hardware", "train_precision")
 
 
 def results_path(output_dir: str | Path | None = None) -> Path:
@@ -77,15 +80,16 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def append_run(cfg: ExperimentConfig, run_dir: str | Path, metrics: dict[str, Any], device: str) -> Path:
-    """Add one row for an evaluated run to its results store (written atomically)."""
+    """Add one row for an evaluated run to its results store (written atomically). ``device``:
+    the name of the device that evaluated it (column ``hardware``; ``device`` is the config's)."""
     run_dir = Path(run_dir)
     row = {
         "run_id": run_dir.name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config_hash": config_hash(cfg),
-        "device": device,
-        "run_dir": str(run_dir),
         **flatten_config(cfg),
+        "hardware": device,
+        "run_dir": str(run_dir),
         **metrics,
     }
     path = results_path(cfg.output_dir)
@@ -183,7 +187,7 @@ def table(
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """Columns that are neither identifiers nor config knobs: the metrics."""
-    knobs = set(ID_COLUMNS) | {"name", "seed", "device", "output_dir", "metrics", *COMPONENT_KINDS}
+    knobs = {*ID_COLUMNS, *PROVENANCE_COLUMNS, "name", "seed", "output_dir", "metrics", *COMPONENT_KINDS}
     prefixes = tuple(f"{k}." for k in (*COMPONENT_KINDS, "flow", "train", "sample", "eval"))
     return [c for c in df.columns if c not in knobs and not str(c).startswith(prefixes)]
 
