@@ -26,7 +26,6 @@ markdown table with the interval comparisons against NestAR k=4, into the "quali
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -34,14 +33,14 @@ import guidance
 import lr_search
 import pandas as pd
 import quality_stats
-import torch
-from quality_store import evaluate_aside, recorded
+from quality_store import evaluate_aside, provenance, recorded
 from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, write_section
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import load_config
 from nestar_lab.run import results
 from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.experiment import device_name, pick_device
 from nestar_lab.run.results import config_hash
 from nestar_lab.run.rundir import CHECKPOINT
 from nestar_lab.run.train import load_trained, time_step, train
@@ -368,8 +367,7 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     runs = pd.concat([store.iloc[0:0].assign(variant=[]), *found])
     summary = quality_stats.summarize(runs, list(table))
     summary.to_csv(out_dir / "summary.csv", index=False)
-    cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    device = device_name(pick_device(args.device))
     if MATCH_TO not in set(runs["variant"]):
         raise SystemExit(f"error: the reference variant {MATCH_TO!r} has no runs in {out_dir / 'results.csv'} "
                          f"for seeds {seeds}; run it first (--variants \"{MATCH_TO}\")")  # fmt: skip
@@ -378,7 +376,9 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
     brackets = "; ".join(f"{k}: lr {v['lr']:g}, {lr_search.describe_bracket(v)}" for k, v in chosen.items())
     hours = run_hours(table, sorted(set(runs["variant"])), args)
     paired = quality_stats.paired_markdown(runs, list(table), MATCH_TO, hours)
-    body = (f"Device: {device}. Each variant: {args.steps} training steps per seed at its own learning rate, "
+    body = (f"Trained: {provenance(runs)}; every seeded run trains and samples in {args.precision} "
+            f"(`--precision`). Table and timed step written on {device}. "
+            f"Each variant: {args.steps} training steps per seed at its own learning rate, "
             f"{args.samples_per_class} samples per class, seeds {', '.join(map(str, seeds))} (training seed; "
             f"eval seed 1234 + seed); parameter counts matched to {MATCH_TO}'s (widths chosen by "
             f"`variants.plans()`); AR (coarse_to_fine) shares NestAR's token order, AR (raster) and MAR use "

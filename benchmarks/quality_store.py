@@ -41,3 +41,18 @@ def recorded(runs: pd.DataFrame, cfgs: dict) -> pd.DataFrame:
                 hit &= col.isna() | same
         hits.append(runs[hit].tail(1))
     return pd.concat([runs.iloc[0:0], *hits])
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    """Where and in which precision the rows' runs trained: ``3 runs on CPU (...) in fp32; 2 not
+    recorded`` (rows written before the store recorded it, ``train_hardware``/``train_precision``)."""
+    if not len(runs):
+        return "no runs"
+    hardware = runs.get("train_hardware", pd.Series(index=runs.index, dtype=object))
+    precision = runs.get("train_precision", pd.Series(index=runs.index, dtype=object))
+    known = hardware.notna() & precision.notna()
+    parts = [f"{n} run{'s' * (n != 1)} on {hw} in {prec}"
+             for (hw, prec), n in pd.DataFrame({"h": hardware[known], "p": precision[known]}).value_counts().items()]
+    if (~known).sum():
+        parts.append(f"{int((~known).sum())} not recorded (trained before the store recorded it)")
+    return "; ".join(parts)

@@ -215,3 +215,22 @@ def test_resolving_cost_names_the_seeds_beyond_those_run_and_their_hours():
     assert quality_stats.resolving_cost({"fid_digits_cnn": resolved, "recall_digits_cnn": hopeless}, None) == \
         "recall: more than 50 seeds"
     assert quality_stats.resolving_cost({"fid_digits_cnn": resolved}, 2.0) == "nothing unresolved"
+
+
+def test_seeded_runs_share_one_precision_and_the_table_says_where_runs_trained():
+    """``auto`` precision is bf16 on a CPU with fast bf16 and fp32 elsewhere: the quality table
+    pins one precision for every seeded run, and its caption counts the runs per machine and
+    precision (rows from before the store recorded it are counted apart)."""
+    from types import SimpleNamespace
+
+    import quality_store
+
+    args = SimpleNamespace(steps=10, samples_per_class=2, out_dir="x", device="auto")
+    assert bench_quality.seeded_config(["generator.params.k=4"], 1e-3, 3, args, "NestAR k=4").train.precision == "fp32"
+    args.precision = "bf16"
+    assert bench_quality.seeded_config([], 1e-3, 3, args, "v").train.precision == "bf16"
+    rows = pd.DataFrame({"train_hardware": ["CPU (a)", "CPU (a)", "GPU", None],
+                         "train_precision": ["fp32", "fp32", "bf16", None]})  # fmt: skip
+    said = quality_store.provenance(rows)
+    assert "2 runs on CPU (a) in fp32" in said and "1 run on GPU in bf16" in said and "1 not recorded" in said
+    assert quality_store.provenance(pd.DataFrame({"seed": [0]})) == "1 not recorded (trained before the store recorded it)"
