@@ -46,7 +46,11 @@ def _error_items(err: ValidationError, prefix: str = "") -> list[tuple[str, str]
         given_s = "nothing" if e["type"] == "missing" else repr(given)
         if len(given_s) > 60:
             given_s = given_s[:57] + "..."
-        items.append((path, f"{path or '<config>'}: got {given_s}; {e['msg'][0].lower() + e['msg'][1:]}"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if not path and e["type"] == "value_error":  # a check over several fields names them itself
+            items.append((path, msg))
+            continue
+        items.append((path, f"{path or '<config>'}: got {given_s}; {msg[0].lower() + msg[1:]}"))
     return items
 
 
