@@ -453,6 +453,11 @@ class Metric(Plugin, ABC):
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         """Metric values keyed by name (names carry their method, e.g. ``fid_inception``)."""
 
+    def names(self, dataset_name: str) -> set[str] | None:
+        """The keys :meth:`compute` returns on ``dataset_name``, known before any work (a study
+        refuses an objective no metric gives); ``None``: not known until computed."""
+        return None
+
 
 # ----------------------------------------------------------------------------- run loggers
 @dataclass(frozen=True)

@@ -50,8 +50,18 @@ def make(name, **params):
 
 @pytest.mark.parametrize("name", reg.names("metric"))
 def test_metric_returns_finite_named_numbers(name, tmp_path):
-    values = make(name).compute(context(tmp_path, real_test_images))
+    metric = make(name)
+    values = metric.compute(context(tmp_path, real_test_images))
     assert values and all(isinstance(v, float) and math.isfinite(v) for v in values.values())
+    named = metric.names("digits")  # what a study checks its objectives against before any trial
+    if named is not None:
+        assert set(values) - {f"nfe_module_{i}" for i in range(1, 10)} == named
+
+
+def test_fidelity_names_follow_its_switches_and_extractor():
+    named = make("fidelity", isc=False, kid=False, real_baseline=False).names("digits")
+    assert named == {"fid_digits_cnn", "precision_digits_cnn", "recall_digits_cnn"}
+    assert "fid_inception_real" in make("fidelity", extractor="inception").names("imagenet")
 
 
 def test_class_accuracy_of_real_images_matches_the_reference_and_noise_fails(tmp_path):

@@ -413,6 +413,27 @@ def test_a_key_that_is_no_config_field_is_refused_before_any_trial(fields, where
     assert f"{where}: not a field of the base config" in line
 
 
+FIDELITY = {"metrics": [{"name": "fidelity", "params": {"extractor": "dataset_cnn"}}]}
+
+
+@pytest.mark.parametrize("fields, message, fixed", [
+    ({"objectives": [{"metric": "nn_train_dist_generatd", "direction": "minimize"}]},
+     "objectives.0.metric: no evaluation of this study's config gives 'nn_train_dist_generatd'; did you mean "
+     "nn_train_dist_generated", {"objectives": [{"metric": "nn_train_dist_generated", "direction": "minimize"}]}),
+    ({"objectives": [{"metric": "nfe_module_2", "direction": "minimize"},  # every row has these
+                     {"metric": "fid_digits_cnn", "direction": "minimize"}]},  # the base runs no fidelity
+     "objectives.1.metric: no evaluation of this study's config gives 'fid_digits_cnn'; its metrics give copy_rate",
+     {"overrides": FIDELITY}),
+])  # fmt: skip
+def test_an_objective_no_evaluation_gives_is_refused_before_any_trial(fields, message, fixed, tmp_path, tiny_raw):
+    """Found after training, it would fail every trial of the study, each after its training."""
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, **fields)
+    (line,) = info.value.lines
+    assert message in line, line
+    write_study(tmp_path, tiny_raw, **{**fields, **fixed})  # spelt right, or the study's own metrics give it
+
+
 def test_an_empty_space_is_refused(tmp_path, tiny_raw):
     from nestar_lab.config.errors import ConfigError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,35 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
         with RunLoggers(exp.cfg, run_dir) as loggers:
             loggers.evaluation(trained_steps(run_dir, exp.cfg.train.steps), row, run_dir / "samples.png")
     return row
+
+
+#: the numbers every evaluation's row holds whatever its metrics (``nfe_module_<i>`` per module
+#: too; beside them the provenance columns, ``results.PROVENANCE_COLUMNS``, which are no metrics)
+ROW_KEYS = frozenset({"sequential_steps", "nfe_per_image", "eval_num_samples", "eval_sample_seconds", "sample_captured"})
+PER_MODULE_KEY = re.compile(r"nfe_module_[1-9][0-9]*")
+
+
+def row_names(cfg) -> set[str] | None:
+    """Every key :func:`evaluate` will write for ``cfg`` (its metrics' :meth:`Metric.names` and
+    :data:`ROW_KEYS`), known before any work; ``None`` when a metric cannot say until computed."""
+    from nestar_lab.config.parts import make
+
+    names = set(ROW_KEYS)
+    for spec in cfg.metrics:
+        given = make("metric", spec).names(cfg.dataset.name)
+        if given is None:
+            return None
+        names |= set(given)
+    return names
+
+
+def unknown_metrics(cfg, wanted: list[str]) -> tuple[list[str], set[str]]:
+    """The names in ``wanted`` that no evaluation of ``cfg`` will hold, and the names it will
+    (both empty where a metric cannot say before computing)."""
+    names = row_names(cfg)
+    if names is None:
+        return [], set()
+    return [w for w in wanted if w not in names and not PER_MODULE_KEY.fullmatch(w)], names
 
 
 def trained_steps(run_dir: Path, default: int) -> int:

@@ -28,6 +28,7 @@ from the reference arm over the seeds (``nestar_lab.sweep.paired``).
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import re
 from pathlib import Path
@@ -235,10 +236,33 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     spec = spec.model_copy(update={"source": path})
     if not spec.base_path().is_file():
         raise ConfigError([f"{path}: base config {spec.base_path()} not found"])
-    problems = space_problems(spec)
+    problems = space_problems(spec) or objective_problems(spec)
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
     return spec
+
+
+def objective_problems(spec: StudySpec) -> list[str]:
+    """Each objective that no evaluation of the study's config gives (a misspelt metric, or one of
+    a metric the config does not run), one line naming it, before any trial trains: found after
+    training it would fail every trial. Skipped where the trials vary the metrics or the dataset
+    (checked when a trial runs) or a metric cannot name its keys before computing."""
+    varied = [*spec.space, *(key for arm in spec.arms for key in arm)]
+    if any(key == "metrics" or key.startswith(("metrics.", "dataset")) for key in varied):
+        return []
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run.evaluate import unknown_metrics
+
+    cfg = validate_config(apply_overrides(read_yaml(spec.base_path()), dict(spec.overrides)))
+    missing, names = unknown_metrics(cfg, [o.metric for o in spec.objectives])
+    lines = []
+    for i, objective in enumerate(spec.objectives):
+        if objective.metric in missing:
+            close = difflib.get_close_matches(objective.metric, sorted(names), n=3)
+            hint = f"did you mean {' or '.join(close)}" if close else f"its metrics give {', '.join(sorted(names))}"
+            lines.append(f"objectives.{i}.metric: no evaluation of this study's config gives {objective.metric!r}; "
+                         f"{hint}")  # fmt: skip
+    return lines
 
 
 def space_problems(spec: StudySpec) -> list[str]:

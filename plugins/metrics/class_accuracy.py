@@ -18,6 +18,9 @@ class ClassAccuracy(Metric):
         width: int = Field(32, ge=4)
         seed: int = 0
 
+    def names(self, dataset_name: str) -> set[str]:
+        return {"class_accuracy", "class_accuracy_min_class", "class_accuracy_real_test"}
+
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         p = self.params
         net = cached_classifier(ctx.dataset, ctx.cache_dir, p.epochs, p.width, p.seed)

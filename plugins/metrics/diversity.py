@@ -28,6 +28,9 @@ class WithinClassDiversity(Metric):
         classifier_width: int = Field(32, ge=4)
         reference: str = Field("test", pattern="^(train|test)$")
 
+    def names(self, dataset_name: str) -> set[str]:
+        return {f"diversity_ratio_{dataset_name}_cnn", f"diversity_{dataset_name}_cnn"}
+
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         p = self.params
         net = cached_classifier(ctx.dataset, ctx.cache_dir, p.classifier_epochs, p.classifier_width, 0)

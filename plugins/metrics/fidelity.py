@@ -64,6 +64,13 @@ class Fidelity(Metric):
         if p.reference.endswith(".npz"):  # checked when the experiment is built: before training or sampling
             check_reference_file(p.reference, feature_dim(p.extractor, p.classifier_width), p.extractor)
 
+    def names(self, dataset_name: str) -> set[str]:
+        p = self.params
+        tag = "inception" if p.extractor == "inception" else f"{dataset_name}_cnn"
+        groups = {"isc": ("is", "is_std"), "fid": ("fid",), "kid": ("kid", "kid_std"), "prc": ("precision", "recall")}
+        names = {f"{k}_{tag}" for m, keys in groups.items() if getattr(p, m) for k in keys}
+        return names | {f"{k}_real" for k in names} if p.real_baseline else names
+
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         p = self.params
         samples = ctx.generated()

@@ -22,6 +22,9 @@ class NearestTrainDistance(Metric):
     class Params(Params):
         copy_threshold: float = Field(0.05, ge=0, description="RMS distance (in [-1, 1] units) counted as a copy")
 
+    def names(self, dataset_name: str) -> set[str]:
+        return {"nn_train_dist_generated", "nn_train_dist_real_test", "copy_rate"}
+
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         train = ctx.dataset.split("train").images
         gen_d = nearest_distances(ctx.generated().images, train)

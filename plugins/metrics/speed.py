@@ -30,6 +30,11 @@ class Speed(Metric):
         repeats: int = Field(3, ge=1)
         warmup: int = Field(1, ge=0)
 
+    def names(self, dataset_name: str) -> set[str]:
+        """Also ``nfe_module_<i>`` per module (the evaluation's row has those whatever its metrics)."""
+        return {"sec_per_image", "images_per_sec", "speed_batch_size", "nfe_per_image", "sequential_steps",
+                "peak_memory_mb", "num_parameters"}  # fmt: skip
+
     def compute(self, ctx: EvalContext) -> dict[str, float]:
         p = self.params
         labels = torch.arange(p.batch_size) % ctx.dataset.num_classes
