@@ -45,11 +45,16 @@ def recorded(runs: pd.DataFrame, cfgs: dict) -> pd.DataFrame:
 
 def provenance(runs: pd.DataFrame) -> str:
     """Where and in which precision the rows' runs trained: ``3 runs on CPU (...) in fp32; 2 not
-    recorded`` (rows written before the store recorded it, ``train_hardware``/``train_precision``)."""
+    recorded`` (rows written before the store recorded ``train_hardware``/``train_precision``, at
+    ``train.precision: auto``); a run at a pinned ``train.precision`` is counted in it."""
     if not len(runs):
         return "no runs"
     hardware = runs.get("train_hardware", pd.Series(index=runs.index, dtype=object))
+    hardware = hardware.fillna("an unrecorded machine")
     precision = runs.get("train_precision", pd.Series(index=runs.index, dtype=object))
+    if "train.precision" in runs:  # a pinned precision is what it resolved to, wherever it ran
+        pinned = runs["train.precision"].where(runs["train.precision"].isin(["fp32", "bf16"]))
+        precision = precision.fillna(pinned)
     known = hardware.notna() & precision.notna()
     parts = [f"{n} run{'s' * (n != 1)} on {hw} in {prec}"
              for (hw, prec), n in pd.DataFrame({"h": hardware[known], "p": precision[known]}).value_counts().items()]

@@ -234,3 +234,5 @@ def test_seeded_runs_share_one_precision_and_the_table_says_where_runs_trained()
     said = quality_store.provenance(rows)
     assert "2 runs on CPU (a) in fp32" in said and "1 run on GPU in bf16" in said and "1 not recorded" in said
     assert quality_store.provenance(pd.DataFrame({"seed": [0]})) == "1 not recorded (trained before the store recorded it)"
+    pinned = pd.DataFrame({"train.precision": ["fp32", "auto"]})  # rows from before the columns existed
+    assert quality_store.provenance(pinned) == "1 run on an unrecorded machine in fp32; 1 not recorded (trained before the store recorded it)"
