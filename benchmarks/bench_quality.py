@@ -1,6 +1,7 @@
 """Quality of every generator variant on the digits: same tuning, several seeds, intervals.
 
-Variants: ``variants.plans()`` (matched total parameter count) plus AR in the quickstart's own
+Variants: ``variants.plans()`` (matched total parameter count, each derived from the quickstart as
+frozen in ``benchmarks/configs/variants_base.yaml``) plus AR in the quickstart's own
 token order (coarse_to_fine), so that one AR/NestAR pair shares its order. For each variant:
 
 1. its learning rate comes from the same small search (``lr_search.py``: an Optuna study per

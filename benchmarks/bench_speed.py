@@ -11,7 +11,8 @@ within one table. Two matchings, both written (``benchmarks/variants.py``):
 - ``per_step``: every variant runs the same scale module (each NestAR module as wide and deep as
   a baseline's network), so the ratios show the schedule's own effect.
 
-The quickstart's variants (tokenizer, data, solver, guidance shared; ``--tokens 256`` runs 16x16
+The quickstart's variants (derived from the quickstart as frozen in
+``benchmarks/configs/variants_base.yaml``; tokenizer, data, solver, guidance shared; ``--tokens 256`` runs 16x16
 ``image_patches``, the paper's token count) write the ``speed`` / ``speed256`` sections of
 docs/benchmarks.md. ``--paper-size`` times NestAR-B and NestAR-L (studies/configs/imagenet256)
 against MAR (S=64) and DiT (50 steps) at the same parameter counts on n = 256 tokens of dim 16

@@ -1,7 +1,7 @@
 """The same learning-rate search for every quality variant, run through the study machinery.
 
 Each variant gets one Optuna study (``nestar_lab.sweep.tuning.run_study``): its base config is the
-variant's resolved config (the quickstart plus the variant's overrides, written to the study
+variant's resolved config (``variants.CONFIG``, the frozen quickstart, plus the variant's overrides, written to the study
 directory), the searched key is ``train.lr`` (log-uniform over ``LR_RANGE``), and the trials
 are the same log-spaced grid of arms for every variant, trained for the same few steps with a
 search seed kept apart from the benchmark's seeds, and scored by FID on a few samples. The

@@ -1,5 +1,9 @@
 """The generator variants the benchmarks compare, and the two ways of matching their size.
 
+Every variant is ``CONFIG`` plus its overrides: the quickstart as it stood when the stored tables
+were run, frozen in ``benchmarks/configs/variants_base.yaml`` so that the quickstart's defaults
+can change without invalidating stored runs and searches.
+
 ``total``: every baseline's width is chosen so that its parameter count is closest to NestAR
 k=4's, so each of NestAR's M modules is about 1/M the size of a baseline's one network.
 ``per_step``: every variant runs the config's scale module as it is, so each NestAR module is as
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from nestar_lab.config.validation import load_config
 
-CONFIG = "studies/configs/quickstart.yaml"
+CONFIG = "benchmarks/configs/variants_base.yaml"  # the quickstart as of 2026-12-06, frozen (see the file)
 SIZES = {  # token count -> overrides on the quickstart config giving that many tokens
     64: [],  # the 8x8 digits, one pixel per token
     256: ["dataset.name=image_patches", "dataset.params={}"],  # 16x16 RGB crops: the paper's n
