@@ -40,13 +40,17 @@ from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, w
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import load_config
 from nestar_lab.run import results
-from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.evaluate import evaluate, time_sampling
 from nestar_lab.run.experiment import device_name, pick_device
 from nestar_lab.run.results import config_hash
 from nestar_lab.run.rundir import CHECKPOINT
 from nestar_lab.run.train import load_trained, time_step, train
 
-SEC_PER_STEP, SEC_PER_EVAL, SEC_PER_SEARCH_EVAL = 0.6, 40.0, 15.0  # 2-core CPU, for the estimate only
+SEC_PER_SEARCH_EVAL = 15.0  # 2-core CPU, for the estimate only
+#: an evaluation's metrics (features, FID, precision/recall, the classifiers) per sample, beside
+#: its sampling (timed per variant): NestAR k=4 at 100 per class took 25-45 s on the 2-core CPU,
+#: 5-10 s of it sampling
+SEC_METRICS_PER_SAMPLE = 0.025
 
 
 def all_plans() -> dict[str, list[str]]:
@@ -119,42 +123,57 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
 
 
-def timed_step(overrides: list[str], args) -> float:
-    """Seconds of one training step of a variant on this machine, for the estimate."""
-    return time_step(seeded_config(overrides, 1e-3, 0, args, "timing"))
+_TIMED: dict[str, tuple[float, float]] = {}  # label -> (s per training step, s per evaluation), once per process
 
 
-_STEP_SECONDS: dict[str, float] = {}  # label -> a training step timed here, once per process
+def timed(table: dict[str, list[str]], label: str, args) -> tuple[float, float]:
+    """A variant's training step and one evaluation, timed on this machine: the evaluation is
+    its sampling (seconds per image timed, x the evaluation's images) and its metrics. MAR
+    samples about 30x slower per image than NestAR here, so one figure for all would misstate
+    what each variant's runs cost."""
+    if label not in _TIMED:
+        cfg = seeded_config(table[label], 1e-3, 0, args, "timing")
+        per_image, classes = time_sampling(cfg)
+        images = classes * args.samples_per_class
+        _TIMED[label] = (time_step(cfg), images * (per_image + SEC_METRICS_PER_SAMPLE))
+    return _TIMED[label]
+
+
+def evaluations_per_run(args) -> int:
+    """The run's own evaluation and the guidance grid's: each scale x 2 draws, but the own one."""
+    return 2 * len(args.grid) if args.grid else 1
 
 
 def run_hours(table: dict[str, list[str]], labels, args) -> dict[str, float]:
-    """Hours of one seeded run of each variant here: its steps at a step timed on this machine
-    (once per process), and its evaluations (the guidance grid's included)."""
-    evals = SEC_PER_EVAL * args.samples_per_class / 50 * (2 * len(args.grid) if args.grid else 1)
+    """Hours of one seeded run of each variant here: its steps at a step timed on this machine,
+    and its evaluations (the guidance grid's included) at an evaluation timed here."""
+    hours = {}
     for label in labels:
-        if label not in _STEP_SECONDS:
-            _STEP_SECONDS[label] = timed_step(table[label], args)
-    return {label: (args.steps * _STEP_SECONDS[label] + evals) / 3600 for label in labels}
+        step_s, eval_s = timed(table, label, args)
+        hours[label] = (args.steps * step_s + evaluations_per_run(args) * eval_s) / 3600
+    return hours
 
 
 def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str:
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
     searches = [k for k in todo if not lr_search.current(searched.get(k, {}), todo[k], b)]
-    missing = len(searches) * len(seeds) + sum(
+    left = {k: len(seeds) if k in searches else sum(
         needs_training(store, cfg, run_dir_of(k, cfg, args), args.grid)
-        for k in todo if k not in searches for cfg in configs(todo, k, searched[k]["lr"], seeds, args).values())
-    step_s = timed_step(next(iter(todo.values())), args) if missing or searches else SEC_PER_STEP
-    evals = SEC_PER_EVAL * args.samples_per_class / 50  # sampling and features grow with the samples
-    search_s = len(searches) * args.lr_trials * (args.lr_steps * step_s + SEC_PER_SEARCH_EVAL)
-    per_run = 2 * len(args.grid) if args.grid else 1  # the run's own evaluation and the guidance grid's
-    runs_s = missing * (args.steps * step_s + per_run * evals)
+        for cfg in configs(todo, k, searched[k]["lr"], seeds, args).values()) for k in todo}  # fmt: skip
+    missing = sum(left.values())
+    busy = [k for k in todo if left[k] or k in searches]
+    hours = run_hours(todo, busy, args)
+    search_s = sum(args.lr_trials * (args.lr_steps * timed(todo, k, args)[0] + SEC_PER_SEARCH_EVAL) for k in searches)
+    runs_s = sum(left[k] * hours[k] * 3600 for k in busy)
+    each = ", ".join(f"{k} {timed(todo, k, args)[0]:.2f} s/step + {timed(todo, k, args)[1]:.0f} s/evaluation"
+                     for k in busy)  # fmt: skip
     return (f"{len(todo)} variants ({', '.join(todo)}), seeds {seeds}, {args.steps} steps, "
             f"{args.samples_per_class} samples/class. To run: {len(searches)} lr searches x {args.lr_trials}+ "
             f"trials x {args.lr_steps} steps (more where a learning rate must be bracketed), {missing} seeded runs "
-            f"x {args.steps} steps = {missing * args.steps} training steps, each run evaluated {per_run} times "
-            f"(guidance grid x 2 draws). Estimate from a timed step here "
-            f"({step_s:.2f} s/step, ~{evals:.0f} s/evaluation): searches {minutes(search_s)} + seeded runs "
+            f"x {args.steps} steps = {missing * args.steps} training steps, each run evaluated "
+            f"{evaluations_per_run(args)} times (guidance grid x 2 draws). Estimate from a step and an evaluation "
+            f"timed here ({each or 'nothing left'}): searches {minutes(search_s)} + seeded runs "
             f"{minutes(runs_s)} = {minutes(search_s + runs_s)}")  # fmt: skip
 
 

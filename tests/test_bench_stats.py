@@ -236,3 +236,24 @@ def test_seeded_runs_share_one_precision_and_the_table_says_where_runs_trained()
     assert quality_store.provenance(pd.DataFrame({"seed": [0]})) == "1 not recorded (trained before the store recorded it)"
     pinned = pd.DataFrame({"train.precision": ["fp32", "auto"]})  # rows from before the columns existed
     assert quality_store.provenance(pinned) == "1 run on an unrecorded machine in fp32; 1 not recorded (trained before the store recorded it)"
+
+
+def test_run_hours_time_each_variants_step_and_evaluation(monkeypatch, tiny_cfg):
+    """A seeded run's hours: its steps at its own timed step, and each evaluation (the grid's
+    included) at its own timed sampling plus the metrics, so a slow sampler (MAR) costs more."""
+    from types import SimpleNamespace
+
+    from nestar_lab.run.evaluate import time_sampling
+
+    per_image, classes = time_sampling(tiny_cfg, images=4)
+    assert per_image > 0 and classes == 10
+    speeds = {"fast": (0.5, 0.01), "slow": (0.5, 0.3)}  # s/step, s/image
+    monkeypatch.setattr(bench_quality, "_TIMED", {})
+    monkeypatch.setattr(bench_quality, "seeded_config", lambda ov, *a: ov)
+    monkeypatch.setattr(bench_quality, "time_step", lambda cfg: speeds[cfg][0])
+    monkeypatch.setattr(bench_quality, "time_sampling", lambda cfg: (speeds[cfg][1], 10))
+    args = SimpleNamespace(steps=100, samples_per_class=10, grid=(1.0, 2.0))
+    hours = bench_quality.run_hours({"a": "fast", "b": "slow"}, ["a", "b"], args)
+    metrics = 100 * bench_quality.SEC_METRICS_PER_SAMPLE
+    assert hours["a"] == pytest.approx((100 * 0.5 + 4 * (100 * 0.01 + metrics)) / 3600)
+    assert hours["b"] - hours["a"] == pytest.approx(4 * 100 * 0.29 / 3600)

@@ -16,7 +16,7 @@ from nestar_lab.config.errors import BadInput
 from nestar_lab.interfaces import EvalContext, Samples, SampleStats
 from nestar_lab.method.sample import Sampler
 from nestar_lab.run import distributed
-from nestar_lab.run.experiment import Experiment, device_name, precision_name
+from nestar_lab.run.experiment import Experiment, build_experiment, device_name, precision_name
 from nestar_lab.run.loggers import RunLoggers, check_loggers
 from nestar_lab.run.results import append_run
 from nestar_lab.run.rundir import SUMMARY, write_json
@@ -31,6 +31,19 @@ def cache_root() -> Path:
 def make_sampler(exp: Experiment) -> Sampler:
     """The run's sampler (its solvers and guidance, per module, and its precision)."""
     return Sampler(exp.generator, exp.tokenizer, exp.order, exp.sampling_plan())
+
+
+def time_sampling(cfg, images: int = 50) -> tuple[float, int]:
+    """Seconds per image of ``cfg``'s sampler on this machine, and the dataset's class count, for
+    cost estimates: the second of two calls of ``images`` images, untrained weights (a fixed-step
+    sampler costs the same whatever its weights; an adaptive solver's figure is a guess)."""
+    exp = build_experiment(cfg)
+    sampler = make_sampler(exp)
+    labels = torch.arange(images) % exp.dataset.num_classes
+    sampler(labels, 0)
+    t0 = time.perf_counter()
+    sampler(labels, 1)
+    return (time.perf_counter() - t0) / images, exp.dataset.num_classes
 
 
 def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[str, Any]:
