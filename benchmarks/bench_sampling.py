@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 from quality_store import evaluate_aside
 from variants import positive, write_section
 
 from nestar_lab.config.errors import BadInput
 from nestar_lab.config.validation import load_config
+from nestar_lab.run.experiment import device_name, pick_device, precision_name
 from nestar_lab.run.rundir import CONFIG, load_run_config
 from nestar_lab.sweep.paired import differences
 from nestar_lab.sweep.study import is_sampling_key
@@ -125,11 +124,12 @@ def describe(df: pd.DataFrame, runs: list[Path], saved: dict, args) -> str:
         cells.append(f"{group['seconds'].median():.0f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cfg = saved[runs[0]]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    device = device_name(pick_device(cfg.device))
     own = (f"guidance {cfg.sample.cfg_scale} ({cfg.sample.cfg_schedule}), solver {cfg.ode_solver.name} "
            f"{cfg.ode_solver.params.get('steps', '')} steps, temperature {cfg.sample.temperature}")  # fmt: skip
     pairs = len(base)
-    return (f"Device: {device}. Runs: {', '.join(f'`{r.name}`' for r in runs)} ({cfg.train.steps} training steps); "
+    return (f"Device: {device}, sampling in {precision_name(pick_device(cfg.device), cfg.train.precision)}. Runs: "
+            f"{', '.join(f'`{r.name}`' for r in runs)} ({cfg.train.steps} training steps); "
             f"trained settings: {own}. Each setting evaluated with the same {pairs} (run, evaluation seed) "
             f"draws as the trained settings, {args.samples_per_class or cfg.eval.samples_per_class} samples per "
             f"class; Δ = setting minus trained settings, paired over those draws (mean [95% t-interval]).\n\n"
