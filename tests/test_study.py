@@ -413,6 +413,21 @@ def test_a_key_that_is_no_config_field_is_refused_before_any_trial(fields, where
     assert f"{where}: not a field of the base config" in line
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"sampler": {"name": "tpe", "params": {"bogus": 1}}},
+     "sampler.params: optuna's 'tpe' sampler refuses {'bogus': 1}: "),
+    ({"pruner": {"name": "median", "params": {"n_startup_trials": -1}}},
+     "pruner.params: optuna's 'median' pruner refuses {'n_startup_trials': -1}: Number of startup trials"),
+])  # fmt: skip
+def test_sampler_and_pruner_params_optuna_refuses_are_config_errors_before_the_study_exists(fields, message, tmp_path,
+                                                                                          tiny_raw):  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, **fields)
+    (line,) = info.value.lines
+    assert message in line, line
+    assert not (tmp_path / "studies").exists()
+
+
 FIDELITY = {"metrics": [{"name": "fidelity", "params": {"extractor": "dataset_cnn"}}]}
 
 

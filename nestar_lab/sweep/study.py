@@ -31,6 +31,7 @@ import copy
 import difflib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,10 +237,26 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     spec = spec.model_copy(update={"source": path})
     if not spec.base_path().is_file():
         raise ConfigError([f"{path}: base config {spec.base_path()} not found"])
-    problems = space_problems(spec) or objective_problems(spec)
+    problems = strategy_problems(spec) or space_problems(spec) or objective_problems(spec)
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
     return spec
+
+
+def strategy_problems(spec: StudySpec) -> list[str]:
+    """The sampler and pruner built from their params, before any study exists: a param Optuna
+    does not take, or a value it refuses, is one line naming ``sampler.params``/``pruner.params``."""
+    lines = []
+    for field, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
+        try:
+            with warnings.catch_warnings():  # experimental-feature notices: not problems
+                warnings.simplefilter("ignore")
+                make()
+        except (TypeError, ValueError) as exc:
+            name = getattr(spec, field).name
+            lines.append(f"{field}.params: optuna's {name!r} {field} refuses {dict(getattr(spec, field).params)}: "
+                         f"{str(exc).splitlines()[0]}")  # fmt: skip
+    return lines
 
 
 def objective_problems(spec: StudySpec) -> list[str]:
