@@ -35,7 +35,7 @@ import lr_search
 import pandas as pd
 import quality_stats
 from quality_store import evaluate_aside, provenance, recorded
-from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, write_section
+from variants import CONFIG, MATCH_TO, count_params, matched, plans, positive, run_main, write_section
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import load_config
@@ -420,4 +420,4 @@ def write_summary(args, table: dict[str, list[str]], seeds: list[int], b: dict) 
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 from quality_store import evaluate_aside
-from variants import positive, write_section
+from variants import positive, run_main, write_section
 
-from nestar_lab.config.errors import BadInput
 from nestar_lab.config.validation import load_config
 from nestar_lab.run.experiment import device_name, pick_device, precision_name
 from nestar_lab.run.rundir import CONFIG, load_run_config
@@ -137,8 +135,4 @@ def describe(df: pd.DataFrame, runs: list[Path], saved: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as exc:  # a path that is no trained run, a value its config refuses: one line
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)  # a path that is no trained run, a value its config refuses: one line, exit 2

@@ -113,3 +113,18 @@ def write_section(path: Path, key: str, body: str) -> None:
     else:
         text += f"\n{start}\n{body}\n{end}\n"
     path.write_text(text)
+
+
+def run_main(main) -> None:
+    """A benchmark's entry point: bad input (a config value, a path that is no run) ends as the
+    library's one line per problem and exit code 2, as ``nestar`` does, not a traceback."""
+    import sys
+
+    from nestar_lab.config.errors import BadInput, describe
+
+    try:
+        main()
+    except BadInput as exc:
+        code, lines = describe(exc)
+        print("\n".join(lines), file=sys.stderr)
+        sys.exit(code)
