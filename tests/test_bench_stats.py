@@ -257,3 +257,17 @@ def test_run_hours_time_each_variants_step_and_evaluation(monkeypatch, tiny_cfg)
     metrics = 100 * bench_quality.SEC_METRICS_PER_SAMPLE
     assert hours["a"] == pytest.approx((100 * 0.5 + 4 * (100 * 0.01 + metrics)) / 3600)
     assert hours["b"] - hours["a"] == pytest.approx(4 * 100 * 0.29 / 3600)
+
+
+def test_a_benchmark_refuses_bad_input_in_one_line_and_exit_2(capsys):
+    import variants
+
+    from nestar_lab.config.errors import ConfigError
+
+    def main():
+        raise ConfigError(["device: got 'tpu'; input should be 'auto', 'cpu' or 'cuda'"])
+
+    with pytest.raises(SystemExit) as info:
+        variants.run_main(main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["config error: device: got 'tpu'; input should be 'auto', 'cpu' or 'cuda'"]
