@@ -48,9 +48,9 @@ from nestar_lab.run.train import load_trained, time_step, train
 
 SEC_PER_SEARCH_EVAL = 15.0  # 2-core CPU, for the estimate only
 #: an evaluation's metrics (features, FID, precision/recall, the classifiers) per sample, beside
-#: its sampling (timed per variant): NestAR k=4 at 100 per class took 25-45 s on the 2-core CPU,
-#: 5-10 s of it sampling
-SEC_METRICS_PER_SAMPLE = 0.025
+#: its sampling (timed per variant): NestAR k=4 at 100 per class, one thread of the Xeon, took
+#: 7.5 s, of which 4.4 s sampling the 1000 images and 1.8 s the speed metric's 400
+SEC_METRICS_PER_SAMPLE = 0.0015
 
 
 def all_plans() -> dict[str, list[str]]:
@@ -123,20 +123,28 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
 
 
-_TIMED: dict[str, tuple[float, float]] = {}  # label -> (s per training step, s per evaluation), once per process
+_TIMED: dict[str, tuple[float, float, float]] = {}  # label -> (s/step, s/own evaluation, s/grid evaluation)
 
 
-def timed(table: dict[str, list[str]], label: str, args) -> tuple[float, float]:
-    """A variant's training step and one evaluation, timed on this machine: the evaluation is
-    its sampling (seconds per image timed, x the evaluation's images) and its metrics. MAR
-    samples about 30x slower per image than NestAR here, so one figure for all would misstate
+def timed(table: dict[str, list[str]], label: str, args) -> tuple[float, float, float]:
+    """A variant's training step and its evaluations, timed on this machine: an evaluation is
+    its sampling (seconds per image timed, x the images) and its metrics; the run's own also
+    samples the ``speed`` metric's images, a grid evaluation does not (``guidance.grid_metrics``).
+    MAR samples about 7x slower per image than NestAR here, so one figure for all would misstate
     what each variant's runs cost."""
     if label not in _TIMED:
         cfg = seeded_config(table[label], 1e-3, 0, args, "timing")
         per_image, classes = time_sampling(cfg)
         images = classes * args.samples_per_class
-        _TIMED[label] = (time_step(cfg), images * (per_image + SEC_METRICS_PER_SAMPLE))
+        grid_s = images * (per_image + SEC_METRICS_PER_SAMPLE)
+        _TIMED[label] = (time_step(cfg), grid_s + speed_images(cfg) * per_image, grid_s)
     return _TIMED[label]
+
+
+def speed_images(cfg) -> int:
+    """The images a config's ``speed`` metric samples (warm-up and timed calls)."""
+    return sum((m.params.get("warmup", 1) + m.params.get("repeats", 3)) * m.params.get("batch_size", 64)
+               for m in cfg.metrics if m.name == "speed")  # fmt: skip
 
 
 def evaluations_per_run(args) -> int:
@@ -146,11 +154,11 @@ def evaluations_per_run(args) -> int:
 
 def run_hours(table: dict[str, list[str]], labels, args) -> dict[str, float]:
     """Hours of one seeded run of each variant here: its steps at a step timed on this machine,
-    and its evaluations (the guidance grid's included) at an evaluation timed here."""
+    its own evaluation and the guidance grid's, at evaluations timed here."""
     hours = {}
     for label in labels:
-        step_s, eval_s = timed(table, label, args)
-        hours[label] = (args.steps * step_s + evaluations_per_run(args) * eval_s) / 3600
+        step_s, own_s, grid_s = timed(table, label, args)
+        hours[label] = (args.steps * step_s + own_s + (evaluations_per_run(args) - 1) * grid_s) / 3600
     return hours
 
 
@@ -166,7 +174,7 @@ def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str
     hours = run_hours(todo, busy, args)
     search_s = sum(args.lr_trials * (args.lr_steps * timed(todo, k, args)[0] + SEC_PER_SEARCH_EVAL) for k in searches)
     runs_s = sum(left[k] * hours[k] * 3600 for k in busy)
-    each = ", ".join(f"{k} {timed(todo, k, args)[0]:.2f} s/step + {timed(todo, k, args)[1]:.0f} s/evaluation"
+    each = ", ".join(f"{k} {timed(todo, k, args)[0]:.2f} s/step + {timed(todo, k, args)[2]:.0f} s/evaluation"
                      for k in busy)  # fmt: skip
     return (f"{len(todo)} variants ({', '.join(todo)}), seeds {seeds}, {args.steps} steps, "
             f"{args.samples_per_class} samples/class. To run: {len(searches)} lr searches x {args.lr_trials}+ "

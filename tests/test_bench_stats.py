@@ -247,16 +247,22 @@ def test_run_hours_time_each_variants_step_and_evaluation(monkeypatch, tiny_cfg)
 
     per_image, classes = time_sampling(tiny_cfg, images=4)
     assert per_image > 0 and classes == 10
+    speed = [m for m in tiny_cfg.metrics if m.name != "speed"] + [
+        tiny_cfg.metrics[0].model_copy(update={"name": "speed", "params": {"batch_size": 8, "repeats": 2}})]
+    assert bench_quality.speed_images(tiny_cfg.model_copy(update={"metrics": speed})) == 8 * (1 + 2)
+    assert bench_quality.speed_images(tiny_cfg.model_copy(update={"metrics": []})) == 0
     speeds = {"fast": (0.5, 0.01), "slow": (0.5, 0.3)}  # s/step, s/image
     monkeypatch.setattr(bench_quality, "_TIMED", {})
     monkeypatch.setattr(bench_quality, "seeded_config", lambda ov, *a: ov)
     monkeypatch.setattr(bench_quality, "time_step", lambda cfg: speeds[cfg][0])
     monkeypatch.setattr(bench_quality, "time_sampling", lambda cfg: (speeds[cfg][1], 10))
+    monkeypatch.setattr(bench_quality, "speed_images", lambda cfg: 40)  # the run's own evaluation times sampling
     args = SimpleNamespace(steps=100, samples_per_class=10, grid=(1.0, 2.0))
     hours = bench_quality.run_hours({"a": "fast", "b": "slow"}, ["a", "b"], args)
     metrics = 100 * bench_quality.SEC_METRICS_PER_SAMPLE
-    assert hours["a"] == pytest.approx((100 * 0.5 + 4 * (100 * 0.01 + metrics)) / 3600)
-    assert hours["b"] - hours["a"] == pytest.approx(4 * 100 * 0.29 / 3600)
+    assert hours["a"] == pytest.approx((100 * 0.5 + 4 * (100 * 0.01 + metrics) + 40 * 0.01) / 3600)
+    assert hours["b"] - hours["a"] == pytest.approx((4 * 100 + 40) * 0.29 / 3600)
+
 
 
 def test_a_benchmark_refuses_bad_input_in_one_line_and_exit_2(capsys):
@@ -271,3 +277,17 @@ def test_a_benchmark_refuses_bad_input_in_one_line_and_exit_2(capsys):
         variants.run_main(main)
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["config error: device: got 'tpu'; input should be 'auto', 'cpu' or 'cuda'"]
+
+
+def test_grid_evaluations_skip_what_the_tables_do_not_read_and_keep_the_runs_parameter_count(tiny_raw):
+    import guidance
+
+    from nestar_lab.config.validation import validate_config
+
+    tiny_raw["metrics"] = [{"name": "speed"}, {"name": "fidelity", "params": {"extractor": "dataset_cnn"}},
+                           {"name": "class_accuracy"}]  # fmt: skip
+    cfg = validate_config(tiny_raw)
+    g = guidance.guided(cfg, 1.5, 9003)
+    assert [m.name for m in g.metrics] == ["fidelity", "class_accuracy"]
+    assert g.metrics[0].params["real_baseline"] is False and g.metrics[0].params["extractor"] == "dataset_cnn"
+    assert (g.sample.cfg_scale, g.eval.seed) == (1.5, 9003) and [m.name for m in cfg.metrics][0] == "speed"
