@@ -190,13 +190,34 @@ def main(argv: list[str] | None = None) -> int:
 _sigint = {"seen": False}
 
 
+#: packages whose import runs C++ that calls back into Python: a KeyboardInterrupt raised there
+#: cannot unwind (pybind11 aborts the process: "terminate called ... KeyboardInterrupt", exit -6)
+_NATIVE = ("torch", "torchvision", "torchdiffeq", "torch_fidelity")
+
+
+def _importing_native() -> bool:
+    """Whether one of the ``_NATIVE`` packages is being imported right now."""
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if name.partition(".")[0] in _NATIVE and getattr(spec, "_initializing", False):
+            return True
+    return False
+
+
 def _catch_sigint():
     """SIGINT raises KeyboardInterrupt as usual and is also remembered (main thread only); returns
-    the handler it replaced, or None where none could be set. Training installs its own handler
-    for a clean stop while it runs (``train._StopFlag``), and puts this one back."""
+    the handler it replaced, or None where none could be set. While torch (or another native
+    package) is being imported, the interrupt is held and SIGINT sent again shortly after, until
+    the import is done. Training installs its own handler for a clean stop while it runs
+    (``train._StopFlag``), and puts this one back."""
 
     def on_sigint(signum, frame):
         _sigint["seen"] = True
+        if _importing_native():  # raised now it would abort the process from inside C++
+            import threading
+
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
         raise KeyboardInterrupt
 
     try:

@@ -225,3 +225,22 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(delay, tmp_path):
     # level that way): a shell shows both as 130
     assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
     assert err.strip().splitlines() == ["interrupted"], err
+
+
+def test_an_interrupt_is_held_while_a_native_package_imports(monkeypatch):
+    """Ctrl-C while torch's C++ initialisation calls back into Python used to abort the process
+    (``terminate called ... KeyboardInterrupt``, exit -6): the handler holds it until the import
+    is done. Here: a module of a native package mid-import, and one done."""
+    import importlib.machinery
+    import types
+
+    from nestar_lab import cli
+
+    assert not cli._importing_native()
+    fake = types.ModuleType("torch._nestar_fake")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch._nestar_fake", None)
+    fake.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "torch._nestar_fake", fake)
+    assert cli._importing_native()
+    fake.__spec__._initializing = False
+    assert not cli._importing_native()
