@@ -1,13 +1,13 @@
 """The same learning-rate search for every quality variant, run through the study machinery.
 
 Each variant gets one Optuna study (``nestar_lab.sweep.tuning.run_study``): its base config is the
-variant's resolved config (``variants.CONFIG``, the frozen quickstart, plus the variant's overrides, written to the study
-directory), the searched key is ``train.lr`` (log-uniform over ``LR_RANGE``), and the trials
-are the same log-spaced grid of arms for every variant, trained for the same few steps with a
-search seed kept apart from the benchmark's seeds, and scored by FID on a few samples. The
-chosen learning rate per variant (and every trial's score) goes to ``lr.json``; a variant
-whose search with the same budget is already there is not searched again, and an interrupted
-search resumes from its study storage.
+variant's resolved config (``variants.CONFIG``, the frozen quickstart, plus the variant's
+overrides, written to the study directory), the searched key is ``train.lr`` (log-uniform over
+``LR_RANGE``), and the trials are the same log-spaced grid of arms for every variant, trained for
+the same few steps with a search seed kept apart from the benchmark's seeds, and scored by FID on
+a few samples. The chosen learning rate per variant (and every trial's score) goes to
+``lr.json``; a variant whose search with the same budget is already there is not searched again,
+and an interrupted search resumes from its study storage.
 
 Bracketing: when the best learning rate is the grid's largest (smallest), the search goes on past
 that edge, one arm at a time, each ``BRACKET_FACTOR`` beyond the best so far, until the best has a

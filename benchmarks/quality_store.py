@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nestar_lab.run.evaluate import evaluate
+from nestar_lab.run.evaluate import evaluate, trained_on
 from nestar_lab.run.results import flatten_config
 from nestar_lab.run.train import load_trained
 
 
 def evaluate_aside(run_dir: Path, cfg) -> dict:
     """The metrics of the trained ``run_dir`` sampled under ``cfg``, recorded nowhere: the run
-    keeps its own ``metrics.json`` and grid, no results store gets a row."""
+    keeps its own ``metrics.json`` and grid, no results store gets a row. Where and how the run
+    trained comes from ``run_dir`` (the evaluation itself writes into a scratch directory)."""
     with tempfile.TemporaryDirectory() as scratch:
-        return evaluate(load_trained(run_dir, cfg=cfg), scratch, record=False)
+        return evaluate(load_trained(run_dir, cfg=cfg), scratch, record=False) | trained_on(Path(run_dir))
 
 
 def recorded(runs: pd.DataFrame, cfgs: dict) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from nestar_lab.config.errors import describe, exit_code_for_signal  # light: the rest loads in main
+from nestar_lab.run import interrupts
 
 #: the batch-size setting of the work in progress, named when memory runs out
 _context: dict[str, str | None] = {"batch": None}
@@ -149,11 +150,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error ends as one line on stderr and an exit code (see ``errors``).
-    Only the standard library and ``errors`` are imported before this runs, so a Ctrl-C at any
+    Only the standard library, ``errors`` and ``interrupts`` are imported before this runs, so a Ctrl-C at any
     moment (the heavy imports included) ends as ``interrupted`` and 130, even where a library
     caught the KeyboardInterrupt and failed otherwise (a half-imported plugin package)."""
-    _sigint["seen"] = False
-    previous = _catch_sigint()
+    previous = interrupts.catch_sigint()
     try:
         argv = list(argv if argv is not None else sys.argv[1:])
         args = _parser().parse_args(argv)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
             traceback.print_exc()
-        if _sigint["seen"]:  # whatever the interrupt turned into on its way here
+        if interrupts.seen():  # whatever the interrupt turned into on its way here
             print("interrupted", file=sys.stderr)
             return exit_code_for_signal(None)
         code, lines = describe(exc, batch_hint=_context["batch"])
@@ -185,45 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 shutdown()
             except KeyboardInterrupt:
                 pass
-
-
-_sigint = {"seen": False}
-
-
-#: packages whose import runs C++ that calls back into Python: a KeyboardInterrupt raised there
-#: cannot unwind (pybind11 aborts the process: "terminate called ... KeyboardInterrupt", exit -6)
-_NATIVE = ("torch", "torchvision", "torchdiffeq", "torch_fidelity")
-
-
-def _importing_native() -> bool:
-    """Whether one of the ``_NATIVE`` packages is being imported right now."""
-    for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
-        if name.partition(".")[0] in _NATIVE and getattr(spec, "_initializing", False):
-            return True
-    return False
-
-
-def _catch_sigint():
-    """SIGINT raises KeyboardInterrupt as usual and is also remembered (main thread only); returns
-    the handler it replaced, or None where none could be set. While torch (or another native
-    package) is being imported, the interrupt is held and SIGINT sent again shortly after, until
-    the import is done. Training installs its own handler for a clean stop while it runs
-    (``train._StopFlag``), and puts this one back."""
-
-    def on_sigint(signum, frame):
-        _sigint["seen"] = True
-        if _importing_native():  # raised now it would abort the process from inside C++
-            import threading
-
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread
-        return None
 
 
 def _warn_plugin_problems() -> None:

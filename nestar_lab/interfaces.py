@@ -454,8 +454,7 @@ class Metric(Plugin, ABC):
         """Metric values keyed by name (names carry their method, e.g. ``fid_inception``)."""
 
     def names(self, dataset_name: str) -> set[str] | None:
-        """The keys :meth:`compute` returns on ``dataset_name``, known before any work (a study
-        refuses an objective no metric gives); ``None``: not known until computed."""
+        """The keys ``compute`` returns on ``dataset_name`` (studies check objectives); None: unknown."""
         return None
 
 

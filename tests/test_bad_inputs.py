@@ -234,13 +234,13 @@ def test_an_interrupt_is_held_while_a_native_package_imports(monkeypatch):
     import importlib.machinery
     import types
 
-    from nestar_lab import cli
+    from nestar_lab.run import interrupts
 
-    assert not cli._importing_native()
+    assert not interrupts.importing_native()
     fake = types.ModuleType("torch._nestar_fake")
     fake.__spec__ = importlib.machinery.ModuleSpec("torch._nestar_fake", None)
     fake.__spec__._initializing = True
     monkeypatch.setitem(sys.modules, "torch._nestar_fake", fake)
-    assert cli._importing_native()
+    assert interrupts.importing_native()
     fake.__spec__._initializing = False
-    assert not cli._importing_native()
+    assert not interrupts.importing_native()

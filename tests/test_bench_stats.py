@@ -186,6 +186,7 @@ def test_guidance_grid_is_evaluated_once_chosen_on_selection_draws_and_reported_
     assert guidance.evaluate_grid(cfg, run, out_dir, grid=(1.0, 2.0), log=logged.append) == 0  # resumable
     store = results.load(out_dir)
     assert sorted(zip(store["sample.cfg_scale"], store["eval.seed"])) == [(1.0, 1234), (1.0, 9000), (2.0, 1234), (2.0, 9000)]
+    assert store["train_precision"].notna().all() and store["train_hardware"].nunique() == 1  # grid rows too
     assert set(store["run_id"]) == {"run"} and (run / "metrics.json").read_text() == own  # the run's own, kept
     scale, means, seeds = guidance.choose(store, {cfg.seed: cfg}, grid=(1.0, 2.0))
     sel = store[store["eval.seed"] == 9000].set_index("sample.cfg_scale")["fid_digits_cnn"]

@@ -104,7 +104,8 @@ def evaluate(exp: Experiment, run_dir: str | Path, record: bool = True) -> dict[
 
 #: the numbers every evaluation's row holds whatever its metrics (``nfe_module_<i>`` per module
 #: too; beside them the provenance columns, ``results.PROVENANCE_COLUMNS``, which are no metrics)
-ROW_KEYS = frozenset({"sequential_steps", "nfe_per_image", "eval_num_samples", "eval_sample_seconds", "sample_captured"})
+ROW_KEYS = frozenset({"sequential_steps", "nfe_per_image", "eval_num_samples", "eval_sample_seconds",
+                      "sample_captured"})  # fmt: skip
 PER_MODULE_KEY = re.compile(r"nfe_module_[1-9][0-9]*")
 
 

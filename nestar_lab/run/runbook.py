@@ -174,8 +174,8 @@ class RunBook:
         self.loggers = loggers  # RunLoggers: the same records as the log, after it is written
         self.earlier_seconds, self.earlier_segments = float(book["seconds"]), list(book["segments"])
         self.segment = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_step": step, "end_step": step,
-                        "seconds": 0.0, "hardware": device_name(device), "precision": precision_name(device, tc.precision)}
-        self.segment |= {"changes": changes} if changes else {}
+                        "seconds": 0.0, "hardware": device_name(device),
+                        "precision": precision_name(device, tc.precision)} | ({"changes": changes} if changes else {})
         self.skipped, self.streak = int(book["nonfinite_skipped"]), int(book["nonfinite_streak"])
         self.last_good = step if state is not None else None  # the step of the checkpoint on disk
         self.guard = NonfiniteGuard(device, self.streak, tc.max_nonfinite_steps)
