@@ -9,10 +9,11 @@ a few samples. The chosen learning rate per variant (and every trial's score) go
 ``lr.json``; a variant whose search with the same budget is already there is not searched again,
 and an interrupted search resumes from its study storage.
 
-Bracketing: when the best learning rate is the grid's largest (smallest), the search goes on past
-that edge, one arm at a time, each ``BRACKET_FACTOR`` beyond the best so far, until the best has a
-worse neighbour on both sides (a diverged training counts as worse), or ``BRACKET_CAP`` extensions
-on that side found none; ``lr.json`` and the table state each variant's bracket.
+Bracketing (the rule of ``nestar_lab.sweep.bracket``, which studies' ``bracket:`` applies too):
+when the best learning rate is the grid's largest (smallest), the search goes on past that edge,
+one arm at a time, each ``BRACKET_FACTOR`` beyond the best so far, until the best has a worse
+neighbour on both sides (a diverged training counts as worse), or ``BRACKET_CAP`` extensions on
+that side found none; ``lr.json`` and the table state each variant's bracket.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
 
 from nestar_lab.config.validation import dump_config, load_config
+from nestar_lab.sweep import bracket
+from nestar_lab.sweep.bracket_search import extend
 from nestar_lab.sweep.study import NamedSpec, Objective, ParamSpace, StudySpec
-from nestar_lab.sweep.tuning import Objective as TrialObjective
 from nestar_lab.sweep.tuning import run_study
 
 LR_RANGE = (3.0e-4, 5.0e-3)  # the first grid; a search extends past an edge where its best lr sits
@@ -100,71 +101,14 @@ def load_chosen(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_arm(spec: StudySpec, study: optuna.Study, lr: float) -> None:
-    """One more trial of the variant's study at ``lr`` (the study's own objective: the same
-    training, evaluation and failure records as the grid's arms)."""
-    study.enqueue_trial({"train.lr": lr}, skip_if_exists=True)
-    study.optimize(TrialObjective(spec), n_trials=1, catch=(Exception,))
-
-
 def current(entry: dict[str, Any], overrides: list[str], b: dict[str, Any]) -> bool:
     """Whether a stored search is for this variant's definition and this budget."""
     return entry.get("budget") == b and entry.get("overrides") == overrides
 
 
-def diverged(error: str) -> bool:
-    """Whether a failed trial's recorded error is a training that went non-finite."""
-    return error.startswith("TrainingFailed:") and "finite" in error
-
-
-def bracket_of(scores: dict[float, float], best: float) -> dict[str, Any]:
-    """The best lr's neighbours among the tried ones (``None`` past an edge)."""
-    ordered = sorted(scores)
-    i = ordered.index(best)
-    return {"below": ordered[i - 1] if i else None, "above": ordered[i + 1] if i + 1 < len(ordered) else None}
-
-
-def next_arm(scores: dict[float, float], grid: list[float]) -> float | None:
-    """The next learning rate to try: past the edge where the best sits, ``BRACKET_FACTOR`` beyond
-    it; ``None`` when the best is bracketed, or the side's extensions reached ``BRACKET_CAP``."""
-    best = min(scores, key=scores.get)
-    bracket = bracket_of(scores, best)
-    if bracket["above"] is None:  # the top (also a lone arm: try above first)
-        side, step = [lr for lr in scores if lr > max(grid)], BRACKET_FACTOR
-    elif bracket["below"] is None:
-        side, step = [lr for lr in scores if lr < min(grid)], 1 / BRACKET_FACTOR
-    else:
-        return None
-    if len(side) >= BRACKET_CAP:
-        return None
-    return float(f"{best * step:.2g}")
-
-
 def describe_bracket(entry: dict[str, Any]) -> str:
     """``bracketed by 1.2e-3 and 2e-2``, or which edge it is stuck at (the cap was reached)."""
-    br = entry.get("bracket") or {}
-    below, above = br.get("below"), br.get("above")
-    if below is not None and above is not None:
-        return f"bracketed by {below:g} and {above:g}"
-    edge = "largest" if above is None else "smallest"
-    return f"NOT bracketed: the {edge} tried after {BRACKET_CAP} extensions"
-
-
-def arm_scores(study: optuna.Study, grid: list[float]) -> dict[float, float]:
-    """lr -> objective for every arm of ``grid`` that has an outcome: a finished trial's value, or
-    ``inf`` for an arm whose training diverged (a non-finite run is a valid, bad score for a
-    learning rate). Arms lost to an interruption, or failed for another reason, have no score:
-    the search is then incomplete rather than silently decided among fewer arms."""
-    scores: dict[float, float] = {}
-    for trial in study.get_trials(deepcopy=False):
-        lr = trial.params.get("train.lr")
-        if lr not in grid:
-            continue
-        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
-            scores[lr] = min(scores.get(lr, math.inf), float(trial.value))
-        elif trial.state == optuna.trial.TrialState.FAIL and diverged(str(trial.user_attrs.get("error", ""))):
-            scores.setdefault(lr, math.inf)
-    return scores
+    return bracket.describe(entry.get("bracket") or {}, BRACKET_CAP)
 
 
 def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[str, Any], root: Path,
@@ -176,24 +120,9 @@ def choose_lr(config: str, label: str, slug: str, overrides: list[str], b: dict[
         return float(chosen[label]["lr"])
     spec = make_spec(config, slug, overrides, b, root)
     study = run_study(spec, trials=spec.trials)
-    tried = list(b["grid"])
-    while True:
-        scores = arm_scores(study, tried)
-        missing = [lr for lr in tried if lr not in scores]
-        if missing or all(math.isinf(v) for v in scores.values()):
-            errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
-            raise RuntimeError(f"{label}: learning-rate search incomplete (arms without a score: "
-                               f"{missing or 'all diverged'}; {errors}); nothing stored, see {spec.study_dir}")  # fmt: skip
-        arm = next_arm(scores, b["grid"])
-        if arm is None:
-            break
-        tried.append(arm)
-        if arm not in arm_scores(study, [arm]):  # a resumed search finds the arms it already ran
-            print(f"[lr] {label}: best lr {min(scores, key=scores.get):g} at an edge; trying {arm:g}", flush=True)
-            run_arm(spec, study, arm)
-    best = min(scores, key=scores.get)
+    best, scores = extend(study, spec, "train.lr", list(b["grid"]), BRACKET_FACTOR, BRACKET_CAP, label)
     entry = {"lr": best, "budget": b, "overrides": overrides, "trials": sorted(scores.items()),
-             "bracket": bracket_of(scores, best), "study_dir": str(spec.study_dir)}  # fmt: skip
+             "bracket": bracket.neighbours(scores, best), "study_dir": str(spec.study_dir)}  # fmt: skip
     chosen = load_chosen(store) | {label: entry}  # reread: another process may have added a variant
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")

@@ -388,8 +388,10 @@ def cmd_study(args) -> int:
     spec = load_study(args.study)
     if args.study_command == "run":
         _warn_plugin_problems()  # loads the plugins now: a broken package is one warning before the trials
+        from nestar_lab.sweep.bracket_search import search_brackets
+
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty(),
-                          estimate=True, dry_run=args.dry_run)  # fmt: skip
+                          estimate=True, dry_run=args.dry_run, prepare=search_brackets)  # fmt: skip
         if study is None:  # --dry-run: the cost is printed, nothing ran
             return 0
         trials = study.get_trials(deepcopy=False)

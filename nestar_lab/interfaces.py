@@ -73,11 +73,9 @@ class Dataset(Plugin, ABC):
         """Every split, keyed by name."""
 
     def items(self, name: str) -> torch.utils.data.Dataset:
-        """A map-style view of a split: ``ds[i] -> (image_CHW in [-1, 1], label)``.
-
-        Training and latent caching read through this, so a dataset too large for memory
-        (``image_folder``) overrides it to read files lazily; the default wraps :meth:`split`.
-        """
+        """A map-style view of a split: ``ds[i] -> (image_CHW in [-1, 1], label)``. Training and
+        latent caching read through this; a dataset too large for memory (``image_folder``)
+        overrides it to read files lazily. Default: wraps :meth:`split`."""
         s = self.split(name)
         return torch.utils.data.TensorDataset(s.images, s.labels)
 
@@ -116,11 +114,9 @@ class Tokenizer(Plugin, nn.Module, ABC):
         """Latents -> images in [-1, 1]."""
 
     def encode_for_cache(self, images: Tensor) -> Tensor:
-        """What the latent cache stores per image (default: :meth:`encode`'s latents).
-
-        A VAE that samples its posterior in training stores the posterior's moments here and
-        draws from them in :meth:`latents_from_cache`, as MAR does with its cached moments.
-        """
+        """What the latent cache stores per image (default: :meth:`encode`'s latents). A VAE that
+        samples its posterior in training stores the posterior's moments here and draws from them
+        in :meth:`latents_from_cache`, as MAR does with its cached moments."""
         return self.encode(images)
 
     def latents_from_cache(self, cached: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -129,10 +125,8 @@ class Tokenizer(Plugin, nn.Module, ABC):
 
 
 class TokenOrder(Plugin, ABC):
-    """A latent grid in 1-D generation order. Constructor: ``(params, grid=(h, w))``.
-
-    Subclasses define :meth:`order`; flattening, unflattening and coordinates follow from it.
-    """
+    """A latent grid in 1-D generation order. Constructor: ``(params, grid=(h, w))``. Subclasses
+    define :meth:`order`; flattening, unflattening and coordinates follow from it."""
 
     plugin_kind = "token_order"
 
@@ -350,9 +344,7 @@ class CoordinationPair:
 
 class CoordinationObjective(Plugin, ABC):
     """A loss aligning adjacent modules in training. Constructor: ``(params)``.
-
-    ``needs_pairs = False`` lets the generator skip the coordination rows entirely.
-    """
+    ``needs_pairs = False`` lets the generator skip the coordination rows entirely."""
 
     plugin_kind = "coordination_objective"
 
@@ -421,10 +413,7 @@ class SampleFn(Protocol):
 @dataclass
 class EvalContext:
     """What a metric may use: the dataset, the run's sampler, the model, a cache directory.
-
-    :meth:`generated` samples ``samples_per_class`` images of every class once and shares
-    them between metrics.
-    """
+    :meth:`generated` samples ``samples_per_class`` images of every class once, shared by metrics."""
 
     dataset: Dataset
     sampler: SampleFn

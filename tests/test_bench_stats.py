@@ -53,18 +53,24 @@ def test_verdicts_name_the_better_variant_only_when_intervals_are_disjoint():
 def test_a_learning_rate_at_an_edge_is_searched_past_it_until_bracketed():
     import lr_search
 
+    from nestar_lab.sweep.bracket import neighbours, next_value
+
     grid = lr_search.lr_grid(3)
     assert grid == [0.0003, 0.0012, 0.005]
-    assert lr_search.next_arm({0.0003: 30, 0.0012: 25, 0.005: 20}, grid) == 0.02  # best at the top: go up x4
-    assert lr_search.next_arm({0.0003: 10, 0.0012: 25, 0.005: 20}, grid) == 7.5e-05  # at the bottom: down /4
-    assert lr_search.next_arm({0.0003: 30, 0.0012: 20, 0.005: 25}, grid) is None  # bracketed inside the grid
+
+    def next_arm(scores, grid):
+        return next_value(scores, grid, lr_search.BRACKET_FACTOR, lr_search.BRACKET_CAP)
+
+    assert next_arm({0.0003: 30, 0.0012: 25, 0.005: 20}, grid) == 0.02  # best at the top: go up x4
+    assert next_arm({0.0003: 10, 0.0012: 25, 0.005: 20}, grid) == 7.5e-05  # at the bottom: down /4
+    assert next_arm({0.0003: 30, 0.0012: 20, 0.005: 25}, grid) is None  # bracketed inside the grid
     diverged = {0.0003: 30, 0.0012: 25, 0.005: 20, 0.02: math.inf}  # training above the best diverged
-    assert lr_search.next_arm(diverged, grid) is None
-    assert lr_search.describe_bracket({"bracket": lr_search.bracket_of(diverged, 0.005)}) == "bracketed by 0.0012 and 0.02"
+    assert next_arm(diverged, grid) is None
+    assert lr_search.describe_bracket({"bracket": neighbours(diverged, 0.005)}) == "bracketed by 0.0012 and 0.02"
     capped = {0.0003: 30, 0.0012: 25, 0.005: 20, 0.02: 19, 0.08: 18, 0.32: 17}
-    assert lr_search.next_arm(capped, grid) is None  # BRACKET_CAP extensions on that side
-    assert "NOT bracketed" in lr_search.describe_bracket({"bracket": lr_search.bracket_of(capped, 0.32)})
-    assert lr_search.next_arm({0.001: 5.0}, [0.001]) == 0.004  # a lone arm looks above first
+    assert next_arm(capped, grid) is None  # BRACKET_CAP extensions on that side
+    assert "NOT bracketed" in lr_search.describe_bracket({"bracket": neighbours(capped, 0.32)})
+    assert next_arm({0.001: 5.0}, [0.001]) == 0.004  # a lone arm looks above first
 
 
 def test_paired_differences_resolve_what_unpaired_intervals_cannot():

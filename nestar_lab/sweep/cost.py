@@ -7,6 +7,7 @@ import copy
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.bracket import pending
 from nestar_lab.sweep.study import StudySpec, apply_dotted
 
 
@@ -21,13 +22,20 @@ def timed_step_seconds(spec: StudySpec, device: str | None = None) -> float:
 
 
 def describe_cost(spec: StudySpec, to_run: int, step_s: float | None) -> str:
-    """One line: the trials left, their training steps, and the hours at ``step_s`` (training
-    only: evaluation comes on top)."""
+    """One line: the trials left, their training steps, the bracketing searches still to run (at
+    least the grid per arm; extensions past an edge add trials), and the hours at ``step_s``
+    (training only: evaluation comes on top)."""
     steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
     shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
     line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
-    if step_s is None or not to_run:
+    searches, search_steps = len(pending(spec)), 0
+    if searches:
+        b = spec.bracket
+        search_steps = searches * len(b.grid) * b.steps
+        line += (f"; first {b.key} bracketed per arm: {searches} searches x {len(b.grid)}+ trials x {b.steps} steps "
+                 f"= {search_steps}+ steps")  # fmt: skip
+    if step_s is None or not (to_run or searches):
         return line
-    total = step_s * (steps if spec.sampling_only else to_run * steps)
+    total = step_s * ((steps if spec.sampling_only else to_run * steps) + search_steps)
     when = f"{total / 3600:.1f} h" if total > 5400 else f"{total / 60:.0f} min"
     return f"{line}; about {when} of training at {step_s:.2f} s/step timed here (evaluations on top)"

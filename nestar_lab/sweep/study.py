@@ -19,6 +19,7 @@ A study file (YAML, in ``studies/``)::
     max_errors_in_a_row: 3                 # one process gives up after this many failures in a row
     seeds: [0, 1, 2, 3, 4]                 # every arm or grid point once per seed (eval.seed = 1234 + seed)
     reference: {coordination.name: none}   # the arm the report's paired table compares with (default: the first)
+    bracket: {key: train.lr, grid: [1.2e-3, 5.0e-3, 2.0e-2]}  # each arm at its own bracketed lr (bracket.py)
 
 With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds and ``trials``
 defaults to every combination; ``nestar study report`` then prints each arm's paired difference
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import apply_overrides, read_yaml
 from nestar_lab.config.validation import _error_lines
+from nestar_lab.sweep.bracket import Bracket, value_for
 
 
 class Strict(BaseModel):
@@ -135,6 +137,7 @@ class StudySpec(Strict):
     notes: str = ""
     seeds: list[int] = Field(default_factory=list, description="train every arm or grid point once per seed (paired)")
     reference: dict[str, Any] | None = Field(None, description="the arm the paired table compares with (default: the first)")
+    bracket: Bracket | None = Field(None, description="each arm at its own bracketed value of one key (searched first)")
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="before")
@@ -188,6 +191,16 @@ class StudySpec(Strict):
                 raise ValueError(f"reference: {self.reference} is none of the arms")
         if not self.space:
             raise ValueError("space: empty; a study must search at least one config key")
+        if self.bracket is not None:
+            if not self.arms:
+                raise ValueError("bracket: needs arms (each arm gets its own search of bracket.key)")
+            if self.bracket.key in self.space or self.bracket.key in self.overrides:
+                where = "space" if self.bracket.key in self.space else "overrides"
+                raise ValueError(f"bracket.key: {self.bracket.key} is also set in {where}; a bracketed key is "
+                                 f"chosen per arm by its search, so give it in one place")  # fmt: skip
+            if self.bracket.seed in self.seeds:
+                raise ValueError(f"bracket.seed: {self.bracket.seed} is one of the study's seeds; the search "
+                                 f"must train on a seed the comparison does not use")  # fmt: skip
         if self.seeds and len(self.space) == 1 and not self.arms:
             raise ValueError("seeds: the space searches nothing but the seed; add the keys to compare")
         return self
@@ -318,6 +331,11 @@ def space_problems(spec: StudySpec) -> list[str]:
         for value in candidate_values(space):
             point = {**spec.overrides, **condition, key: value}
             lines += [explain("space", f"space.{key}={value!r}", [key], line) for line in problems(point)]
+    if spec.bracket is not None:  # every value its search can try, alone on the base
+        for value in sorted({*spec.bracket.grid, *spec.bracket.bounds}):
+            point = {**spec.overrides, spec.bracket.key: value}
+            lines += [explain("bracket", f"bracket.key {spec.bracket.key}={value:g}", [spec.bracket.key], line)
+                      for line in problems(point)]  # fmt: skip
     arms = {repr({k: v for k, v in arm.items() if not spec.seeds or k != "seed"}): arm for arm in spec.arms}
     for shown, arm in arms.items():  # an arm crossed with the seeds is checked once
         lines += [explain("arms", f"arms {shown}", list(arm), line) for line in problems({**spec.overrides, **arm})]
@@ -344,7 +362,7 @@ def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
             chosen[key] = space.suggest(trial, key)
     if spec.seeds and "seed" in chosen:  # a seed fixes the evaluation draw too, as bench_quality does
         chosen.setdefault("eval.seed", 1234 + int(chosen["seed"]))
-    return {**spec.overrides, **chosen}
+    return {**spec.overrides, **value_for(spec, chosen), **chosen}
 
 
 def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -93,9 +93,29 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
             cells.append(diff.cell(3, o.direction == "minimize"))
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     head = f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n"
-    edges = grid_edges(done_rows(table), spec)
+    notes = [n for n in (brackets_note(spec), grid_edges(done_rows(table), spec)) if n]
     return ("Each arm over its seeds (mean [95% t-interval]):\n\n" + "\n".join(means) + "\n\n"
-            + head + "\n".join(lines) + (f"\n\n{edges}" if edges else ""))
+            + head + "\n".join(lines) + "".join(f"\n\n{n}" for n in notes))
+
+
+def brackets_note(spec: StudySpec) -> str | None:
+    """With ``bracket:``: each arm's chosen value and its bracket (``brackets.json``)."""
+    if spec.bracket is None:
+        return None
+    from nestar_lab.sweep.bracket import arm_key, describe, distinct_arms, load_entries, study_budget
+
+    b, entries, budget = spec.bracket, load_entries(spec.study_dir), study_budget(spec)
+    lines = []
+    for arm in distinct_arms(spec.arms):
+        entry = entries.get(arm_key(arm))
+        if entry is None:
+            lines.append(f"- {arm_label(arm)}: not searched yet")
+            continue
+        stale = "" if entry.get("budget") == budget else " (searched with another budget or base: stale)"
+        lines.append(f"- {arm_label(arm)}: {b.key} {entry['value']:g}, {describe(entry['neighbours'], b.cap)}{stale}")
+    return (f"Each arm's {b.key}, bracketed by its own search ({len(b.grid)}+ trials of {b.steps} steps at seed "
+            f"{b.seed}, scored by {spec.objectives[0].metric} on {b.samples_per_class} samples per class):\n\n"
+            + "\n".join(lines))  # fmt: skip
 
 
 def done_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -48,6 +49,7 @@ from optuna.trial import TrialState
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.bracket import pending
 from nestar_lab.sweep.cost import describe_cost, timed_step_seconds
 from nestar_lab.sweep.storage import (
     FINISHED,
@@ -139,6 +141,8 @@ class Objective:
         if origin is not None:
             trial.set_user_attr("retry_of", origin)
         overrides = trial_overrides(self.spec, trial)
+        if self.spec.bracket is not None:  # the arm's bracketed value, as this trial trained it
+            trial.set_user_attr(f"bracketed:{self.spec.bracket.key}", overrides[self.spec.bracket.key])
         raw = apply_dotted(copy.deepcopy(self.base), overrides)
         raw["name"] = f"{self.spec.name}-trial{trial.number:04d}"
         raw["output_dir"] = str(self.spec.study_dir)
@@ -233,6 +237,7 @@ def run_study(
     progress: bool = False,
     estimate: bool = False,
     dry_run: bool = False,
+    prepare: Callable[[StudySpec], object] | None = None,
 ) -> optuna.Study | None:
     """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
     every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
@@ -241,19 +246,28 @@ def run_study(
     Raises :class:`StudyFailed` when a worker died, after ``spec.max_errors_in_a_row`` failed
     trials in a row, or when interrupted (its trial is re-queued for the next run). ``estimate``:
     first print what is left to run and its cost (from a training step timed here) to stderr.
-    ``dry_run``: print that (to stdout) and return None, training and creating nothing."""
+    ``dry_run``: print that (to stdout) and return None, training and creating nothing.
+    ``prepare``: called with the spec after the estimate and before any trial; a study with
+    ``bracket:`` needs ``bracket_search.search_brackets`` there (``nestar study run`` passes it)."""
     trials = trials or spec.trials
     if storage:
         check_storage(storage)  # before the study directory or any trial exists
     if dry_run:
         left = max(0, trials - finished_so_far(spec, storage))
-        print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), flush=True)
+        print(describe_cost(spec, left, timed_step_seconds(spec) if left or pending(spec) else None), flush=True)
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
         left = max(0, trials - tally(study)["finished"])
-        print(describe_cost(spec, left, timed_step_seconds(spec) if left else None), file=sys.stderr, flush=True)
+        print(describe_cost(spec, left, timed_step_seconds(spec) if left or pending(spec) else None), file=sys.stderr,
+              flush=True)  # fmt: skip
+    if prepare is not None:
+        prepare(spec)
+    if pending(spec):
+        raise ConfigError([f"study {spec.name}: {spec.bracket.key} is bracketed per arm (bracket:) and arms "
+                           f"{pending(spec)} have no search yet; run it with `nestar study run`, or pass "
+                           f"prepare=nestar_lab.sweep.bracket_search.search_brackets"])  # fmt: skip
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
             study.enqueue_trial(arm, skip_if_exists=True)

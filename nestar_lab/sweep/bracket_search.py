@@ -1,0 +1,135 @@
+"""Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm,
+run by ``nestar study run`` before the study's own trials, each an ordinary study under
+``<study_dir>/brackets/`` (resumable; ``nestar study report <its study.yaml>`` reads it)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from nestar_lab.config.overrides import read_yaml
+from nestar_lab.config.validation import dump_config, validate_config
+from nestar_lab.sweep.bracket import (
+    BRACKETS_FILE,
+    arm_key,
+    load_entries,
+    neighbours,
+    next_value,
+    pending,
+    study_budget,
+    trial_scores,
+)
+from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
+from nestar_lab.sweep.tuning import Objective, run_study
+
+
+def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], factor: float, cap: int,
+           label: str, sign: float = 1.0) -> tuple[float, dict[float, float]]:  # fmt: skip
+    """Score ``grid`` (``study``'s trials, run already) and extend past the edge where the best sits
+    until it is bracketed (``bracket.next_value``), one trial of ``spec`` per extension; a resumed
+    search finds the values it already ran. Returns the best value and every value's score (``sign``
+    x objective: lower is better). ``RuntimeError`` when a value has no score (a trial failed for
+    another reason than divergence) or every training diverged: nothing is decided then."""
+    tried = list(grid)
+    while True:
+        scores = trial_scores(study, key, tried, sign)
+        missing = [v for v in tried if v not in scores]
+        if missing or all(math.isinf(v) for v in scores.values()):
+            errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
+            raise RuntimeError(f"{label}: {key} search incomplete (values without a score: "
+                               f"{missing or 'all diverged'}; {errors}); nothing stored, "
+                               f"see {spec.study_dir}")  # fmt: skip
+        value = next_value(scores, grid, factor, cap)
+        if value is None:
+            return min(scores, key=scores.get), scores
+        tried.append(value)
+        if value not in trial_scores(study, key, [value], sign):
+            print(f"[bracket] {label}: best {key} {min(scores, key=scores.get):g} at an edge; trying {value:g}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            study.enqueue_trial({key: value}, skip_if_exists=True)
+            study.optimize(Objective(spec), n_trials=1, catch=(Exception,))
+
+
+def search_metrics(cfg, objective: str) -> list[dict[str, Any]]:
+    """The config's metrics that give ``objective`` (a search scores nothing else), or all of them
+    when a metric cannot say before computing."""
+    from nestar_lab.config.parts import make
+
+    keep = []
+    for entry in cfg.metrics:
+        names = make("metric", entry).names(cfg.dataset.name)
+        if names is None:
+            return [m.model_dump(mode="json") for m in cfg.metrics]
+        if objective in names:
+            keep.append(entry.model_dump(mode="json"))
+    return keep
+
+
+def arm_study(spec: StudySpec, arm: dict[str, Any]) -> StudySpec:
+    """The arm's search: base = the study's base with its overrides and the arm's values (written to
+    the search's directory), trials = the grid, scored by the study's first objective."""
+    b = spec.bracket
+    root = spec.study_dir / "brackets"
+    shown = json.dumps(arm, sort_keys=True, default=str)
+    name = f"{b.key.replace('.', '_')}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
+    study_dir = root / name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    cfg = validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), {**spec.overrides, **arm}))
+    dump_config(cfg, study_dir / "base.yaml")
+    objective = spec.objectives[0]
+    sub = StudySpec(
+        name=name,
+        base="base.yaml",
+        overrides={"train.steps": b.steps, "eval.samples_per_class": b.samples_per_class, "seed": b.seed,
+                   "metrics": search_metrics(cfg, objective.metric)},  # fmt: skip
+        space={b.key: ParamSpace(float_range=b.bounds, log=True)},
+        arms=[{b.key: v} for v in b.grid],
+        objectives=[objective],
+        sampler=NamedSpec(name="random", params={"seed": 0}),
+        pruner=NamedSpec(name="none"),
+        trials=len(b.grid),
+        output_dir=str(root.resolve()),
+        notes=f"bracketing {b.key} for arm {shown} of study {spec.name}",
+    )
+    source = study_dir / "study.yaml"
+    source.write_text(yaml.safe_dump(sub.model_dump(mode="json", by_alias=True, exclude={"source"}, exclude_none=True),
+                                     sort_keys=False))  # fmt: skip
+    return sub.model_copy(update={"source": source})
+
+
+def search_brackets(spec: StudySpec) -> dict[str, Any]:
+    """Every arm's bracketed value, searched where ``brackets.json`` lacks it for this budget (one
+    arm after another, each stored as it finishes). Returns the stored entries."""
+    budget = study_budget(spec) if spec.bracket else None
+    for arm in pending(spec):
+        b, label = spec.bracket, ", ".join(f"{k}={v}" for k, v in arm.items()) or "(base)"
+        sub = arm_study(spec, arm)
+        print(f"[bracket] {spec.name}: {b.key} for {label} ({len(b.grid)}+ trials x {b.steps} steps)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        study = run_study(sub, trials=sub.trials)
+        sign = 1.0 if spec.objectives[0].direction == "minimize" else -1.0
+        best, scores = extend(study, sub, b.key, list(b.grid), b.factor, b.cap, label, sign)
+        entry = {"arm": arm, "key": b.key, "value": best, "neighbours": neighbours(scores, best),
+                 "scores": sorted((v, sign * s) for v, s in scores.items()), "objective": spec.objectives[0].metric,
+                 "budget": budget, "study_dir": str(sub.study_dir)}  # fmt: skip
+        print(f"[bracket] {label}: {b.key} {best:g}", file=sys.stderr, flush=True)
+        store(spec.study_dir, arm, entry)
+    return load_entries(spec.study_dir)
+
+
+def store(study_dir: Path, arm: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Add the arm's entry to ``brackets.json`` (written whole, then renamed into place)."""
+    entries = load_entries(study_dir) | {arm_key(arm): entry}  # reread: another process may have added one
+    path = Path(study_dir) / BRACKETS_FILE
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,126 @@
+"""A study's ``bracket:``: every arm trains at its own bracketed value of one key, searched first,
+kept in ``brackets.json``, stated in the report; a study that cannot bracket is refused before work."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+from nestar_lab.cli import main
+from nestar_lab.config.errors import ConfigError
+from nestar_lab.sweep.bracket import BRACKETS_FILE, arm_key, load_entries, pending
+from nestar_lab.sweep.study import load_study
+from nestar_lab.sweep.tuning import run_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BRACKET = {"key": "train.lr", "grid": [1.0e-3, 4.0e-3], "factor": 4, "cap": 1, "steps": 3, "samples_per_class": 2,
+           "seed": 100}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_study(tmp_path, tiny_raw, **fields):
+    tiny_raw = {**tiny_raw, "metrics": [{"name": "class_accuracy", "params": {"epochs": 1}},
+                                        {"name": "nearest_train_distance"}]}  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_raw))
+    spec = {
+        "name": "bracketed",
+        "base": "base.yaml",
+        "output_dir": str(tmp_path / "studies"),
+        "space": {"generator.params.k": {"choices": [4, 8]}},
+        "arms": [{"generator.params.k": 4}, {"generator.params.k": 8}],
+        "objectives": [{"metric": "nn_train_dist_generated", "direction": "minimize"}],
+        "sampler": {"name": "random", "params": {"seed": 0}},
+        "pruner": {"name": "none"},
+        "seeds": [0, 1],
+        "bracket": BRACKET,
+        **fields,
+    }
+    path = tmp_path / "bracketed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_study(path)
+
+
+def test_each_arm_trains_at_its_own_bracketed_value(tmp_path, tiny_raw, capsys):
+    spec = write_study(tmp_path, tiny_raw)
+    assert main(["study", "run", str(spec.source), "--dry-run"]) == 0
+    assert "first train.lr bracketed per arm: 2 searches x 2+ trials x 3 steps" in capsys.readouterr().out
+    assert not (spec.study_dir / BRACKETS_FILE).exists()  # a dry run searches nothing
+
+    assert main(["study", "run", str(spec.source)]) == 0
+    entries = load_entries(spec.study_dir)
+    assert len(entries) == 2 and not pending(spec)
+    for k in (4, 8):
+        entry = entries[arm_key({"generator.params.k": k})]
+        tried = [v for v, _ in entry["scores"]]
+        assert entry["value"] in tried and set(BRACKET["grid"]) <= set(tried)
+        assert len(tried) <= len(BRACKET["grid"]) + 2 * BRACKET["cap"]
+        best_score = min(s for _, s in entry["scores"])
+        assert dict(entry["scores"])[entry["value"]] == best_score
+    # the searches' trials: their own seed and budget, and only the metric the objective needs
+    searches = sorted((spec.study_dir / "brackets").glob("*/study.yaml"))
+    assert len(searches) == 2
+    for path in searches:
+        search = yaml.safe_load(path.read_text())
+        assert search["overrides"]["seed"] == 100 and search["overrides"]["train.steps"] == 3
+        assert [m["name"] for m in search["overrides"]["metrics"]] == ["nearest_train_distance"]
+    # every seeded trial trained at its arm's chosen value
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.study_dir / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    for t in done:
+        chosen = entries[arm_key({"generator.params.k": t.params["generator.params.k"]})]["value"]
+        trained = yaml.safe_load((spec.study_dir / "trials" / t.user_attrs["run_id"] / "config.yaml").read_text())
+        assert trained["train"]["lr"] == chosen == t.user_attrs["bracketed:train.lr"]
+    capsys.readouterr()
+    assert main(["study", "report", str(spec.source)]) == 0
+    out = capsys.readouterr().out
+    assert "Each arm's train.lr, bracketed by its own search" in out
+    assert out.count("- generator.params.k=") >= 2
+    # a second run finds the choices stored: no search again
+    before = (spec.study_dir / BRACKETS_FILE).read_text()
+    assert main(["study", "run", str(spec.source)]) == 0
+    assert (spec.study_dir / BRACKETS_FILE).read_text() == before
+    assert "[bracket]" not in capsys.readouterr().err
+
+
+def test_a_changed_budget_is_searched_again_and_running_without_the_search_is_refused(tmp_path, tiny_raw):
+    spec = write_study(tmp_path, tiny_raw)
+    entry = {"arm": {"generator.params.k": 4}, "key": "train.lr", "value": 4e-3, "budget": {"old": True}}
+    (spec.study_dir).mkdir(parents=True)
+    (spec.study_dir / BRACKETS_FILE).write_text(json.dumps({arm_key({"generator.params.k": 4}): entry}))
+    assert pending(spec) == [{"generator.params.k": 4}, {"generator.params.k": 8}]
+    with pytest.raises(ConfigError) as info:
+        run_study(spec)  # the Python API without the searches: one line saying what to run
+    assert "prepare=nestar_lab.sweep.bracket_search.search_brackets" in info.value.lines[0]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"arms": [], "space": {"generator.params.k": {"choices": [4, 8]}}, "seeds": [0, 1]},
+     "bracket: needs arms"),
+    ({"space": {"generator.params.k": {"choices": [4, 8]}, "train.lr": {"float": [1e-4, 1e-2]}}},
+     "bracket.key: train.lr is also set in space"),
+    ({"bracket": {**BRACKET, "seed": 1}}, "bracket.seed: 1 is one of the study's seeds"),
+    ({"bracket": {**BRACKET, "grid": [4e-3, 1e-3]}}, "bracket.grid: "),
+    ({"bracket": {**BRACKET, "grid": [1e-3]}}, "bracket.grid: "),
+    ({"bracket": {**BRACKET, "factor": 1}}, "bracket.factor: "),
+    ({"bracket": {**BRACKET, "key": "train.no_such_knob"}}, "bracket.train.no_such_knob: not a field of the base config"),
+    ({"bracket": {**BRACKET, "key": "train.warmup_steps", "grid": [0.5, 2.0]}}, "bracket.key train.warmup_steps=0.125"),
+])  # fmt: skip
+def test_a_study_that_cannot_bracket_is_refused_before_work(fields, message, tmp_path, tiny_raw):
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, **fields)
+    assert any(message in line for line in info.value.lines), info.value.lines
+    assert not (tmp_path / "studies").exists()
