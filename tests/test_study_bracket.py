@@ -107,6 +107,24 @@ def test_a_changed_budget_is_searched_again_and_running_without_the_search_is_re
     assert "prepare=nestar_lab.sweep.bracket_search.search_brackets" in info.value.lines[0]
 
 
+def test_a_search_whose_training_fails_stops_with_one_line_and_stores_nothing(tmp_path, tiny_raw, capsys, monkeypatch):
+    import nestar_lab.run.train as train_module
+
+    spec = write_study(tmp_path, tiny_raw)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(train_module, "train", broken)
+    assert main(["study", "run", str(spec.source)]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "failed" in line and "the disk is on fire" in line
+    assert not (spec.study_dir / BRACKETS_FILE).exists() and pending(spec)
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.study_dir / 'study.db'}") \
+        if (spec.study_dir / "study.db").exists() else None  # fmt: skip
+    assert study is None or not study.trials  # no seeded trial ran
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"arms": [], "space": {"generator.params.k": {"choices": [4, 8]}}, "seeds": [0, 1]},
      "bracket: needs arms"),

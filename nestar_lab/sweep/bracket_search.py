@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from nestar_lab.sweep.bracket import (
     study_budget,
     trial_scores,
 )
+from nestar_lab.sweep.storage import StudyFailed
 from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
 from nestar_lab.sweep.tuning import Objective, run_study
 
@@ -37,7 +39,7 @@ def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], fa
     """Score ``grid`` (``study``'s trials, run already) and extend past the edge where the best sits
     until it is bracketed (``bracket.next_value``), one trial of ``spec`` per extension; a resumed
     search finds the values it already ran. Returns the best value and every value's score (``sign``
-    x objective: lower is better). ``RuntimeError`` when a value has no score (a trial failed for
+    x objective: lower is better). :class:`StudyFailed` when a value has no score (a trial failed for
     another reason than divergence) or every training diverged: nothing is decided then."""
     tried = list(grid)
     while True:
@@ -45,7 +47,7 @@ def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], fa
         missing = [v for v in tried if v not in scores]
         if missing or all(math.isinf(v) for v in scores.values()):
             errors = [t.user_attrs.get("error") or t.user_attrs.get("invalid") for t in study.trials if t.user_attrs]
-            raise RuntimeError(f"{label}: {key} search incomplete (values without a score: "
+            raise StudyFailed(f"{label}: {key} search incomplete (values without a score: "
                                f"{missing or 'all diverged'}; {errors}); nothing stored, "
                                f"see {spec.study_dir}")  # fmt: skip
         value = next_value(scores, grid, factor, cap)
@@ -56,7 +58,12 @@ def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], fa
             print(f"[bracket] {label}: best {key} {min(scores, key=scores.get):g} at an edge; trying {value:g}",
                   file=sys.stderr, flush=True)  # fmt: skip
             study.enqueue_trial({key: value}, skip_if_exists=True)
-            study.optimize(Objective(spec), n_trials=1, catch=(Exception,))
+            objective = Objective(spec)
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            if objective.interrupted is not None:  # its trial is queued again: a re-run goes on from it
+                code = getattr(objective.interrupted, "exit_code", None) or 128 + signal.SIGINT
+                raise StudyFailed(f"{label}: {key} search interrupted at {value:g}; re-run the same command to go on",
+                                  exit_code=code)  # fmt: skip
 
 
 def search_metrics(cfg, objective: str) -> list[dict[str, Any]]:
@@ -97,6 +104,7 @@ def arm_study(spec: StudySpec, arm: dict[str, Any]) -> StudySpec:
         sampler=NamedSpec(name="random", params={"seed": 0}),
         pruner=NamedSpec(name="none"),
         trials=len(b.grid),
+        max_errors_in_a_row=1,  # a failed value is not replaced by a random one: the search stops
         output_dir=str(root.resolve()),
         notes=f"bracketing {b.key} for arm {shown} of study {spec.name}",
     )
