@@ -1,9 +1,7 @@
 """A study's ``bracket:``: every arm trains at its own bracketed value of one key, searched first,
-kept in ``brackets.json``, stated in the report; a study that cannot bracket is refused before work."""
+kept in the study's storage, stated in the report; a study that cannot bracket is refused before work."""
 
 from __future__ import annotations
-
-import json
 
 import optuna
 import pytest
@@ -11,7 +9,8 @@ import yaml
 
 from nestar_lab.cli import main
 from nestar_lab.config.errors import ConfigError
-from nestar_lab.sweep.bracket import BRACKETS_FILE, arm_key, load_entries, pending
+from nestar_lab.sweep.bracket import PREFIX, arm_key, load_entries, pending
+from nestar_lab.sweep.storage import existing_study, open_study
 from nestar_lab.sweep.study import load_study
 from nestar_lab.sweep.tuning import run_study
 
@@ -57,27 +56,29 @@ def test_each_arm_trains_at_its_own_bracketed_value(tmp_path, tiny_raw, capsys):
     spec = write_study(tmp_path, tiny_raw)
     assert main(["study", "run", str(spec.source), "--dry-run"]) == 0
     assert "first train.lr bracketed per arm: 2 searches x 2+ trials x 3 steps" in capsys.readouterr().out
-    assert not (spec.study_dir / BRACKETS_FILE).exists()  # a dry run searches nothing
+    assert existing_study(spec, None) is None  # a dry run creates and searches nothing
 
     assert main(["study", "run", str(spec.source)]) == 0
-    entries = load_entries(spec.study_dir)
-    assert len(entries) == 2 and not pending(spec)
+    study = existing_study(spec, None)
+    entries = load_entries(study)
+    assert len(entries) == 2 and not pending(spec, study)
     for k in (4, 8):
         entry = entries[arm_key({"generator.params.k": k})]
         tried = [v for v, _ in entry["scores"]]
         assert entry["value"] in tried and set(BRACKET["grid"]) <= set(tried)
         assert len(tried) <= len(BRACKET["grid"]) + 2 * BRACKET["cap"]
-        best_score = min(s for _, s in entry["scores"])
+        best_score = min(s for _, s in entry["scores"] if s is not None)
         assert dict(entry["scores"])[entry["value"]] == best_score
-    # the searches' trials: their own seed and budget, and only the metric the objective needs
+    # the searches: studies in the same storage, their own seed and budget, only the metric needed
     searches = sorted((spec.study_dir / "brackets").glob("*/study.yaml"))
     assert len(searches) == 2
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{spec.study_dir / 'study.db'}")}
     for path in searches:
         search = yaml.safe_load(path.read_text())
+        assert search["name"] in names and search["name"].startswith("bracketed.bracket.train.lr-")
         assert search["overrides"]["seed"] == 100 and search["overrides"]["train.steps"] == 3
         assert [m["name"] for m in search["overrides"]["metrics"]] == ["nearest_train_distance"]
     # every seeded trial trained at its arm's chosen value
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.study_dir / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4
     for t in done:
@@ -90,18 +91,17 @@ def test_each_arm_trains_at_its_own_bracketed_value(tmp_path, tiny_raw, capsys):
     assert "Each arm's train.lr, bracketed by its own search" in out
     assert out.count("- generator.params.k=") >= 2
     # a second run finds the choices stored: no search again
-    before = (spec.study_dir / BRACKETS_FILE).read_text()
     assert main(["study", "run", str(spec.source)]) == 0
-    assert (spec.study_dir / BRACKETS_FILE).read_text() == before
+    assert load_entries(existing_study(spec, None)) == entries
     assert "[bracket]" not in capsys.readouterr().err
 
 
 def test_a_changed_budget_is_searched_again_and_running_without_the_search_is_refused(tmp_path, tiny_raw):
     spec = write_study(tmp_path, tiny_raw)
     entry = {"arm": {"generator.params.k": 4}, "key": "train.lr", "value": 4e-3, "budget": {"old": True}}
-    (spec.study_dir).mkdir(parents=True)
-    (spec.study_dir / BRACKETS_FILE).write_text(json.dumps({arm_key({"generator.params.k": 4}): entry}))
-    assert pending(spec) == [{"generator.params.k": 4}, {"generator.params.k": 8}]
+    study = open_study(spec)
+    study.set_user_attr(PREFIX + arm_key({"generator.params.k": 4}), entry)
+    assert pending(spec, study) == [{"generator.params.k": 4}, {"generator.params.k": 8}]
     with pytest.raises(ConfigError) as info:
         run_study(spec)  # the Python API without the searches: one line saying what to run
     assert "prepare=nestar_lab.sweep.bracket_search.search_brackets" in info.value.lines[0]
@@ -119,10 +119,8 @@ def test_a_search_whose_training_fails_stops_with_one_line_and_stores_nothing(tm
     assert main(["study", "run", str(spec.source)]) == 1
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "failed" in line and "the disk is on fire" in line
-    assert not (spec.study_dir / BRACKETS_FILE).exists() and pending(spec)
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.study_dir / 'study.db'}") \
-        if (spec.study_dir / "study.db").exists() else None  # fmt: skip
-    assert study is None or not study.trials  # no seeded trial ran
+    study = existing_study(spec, None)
+    assert not load_entries(study) and pending(spec, study) and not study.trials  # no seeded trial ran
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -12,9 +12,10 @@ grid's values, each trained ``steps`` steps at ``seed`` (none of the study's see
 the study's first objective on ``samples_per_class`` samples per class. Where the best sits at an
 edge the search goes on past it, ``factor`` beyond the best per extension, until the best has a
 worse neighbour on both sides (a diverged training counts as worse) or ``cap`` extensions on that
-side found none. ``<study_dir>/brackets.json`` keeps each arm's choice with the budget it was
-found with; a changed budget, base or arm searches again. The quality benchmark's learning-rate
-search (``benchmarks/lr_search.py``) applies the same rule.
+side found none. Each arm's choice is kept in the study's own storage (a user attribute
+``bracket {arm}``, with the budget it was found with), so every process and machine sharing the
+study trains an arm at the same value; a changed budget, base or arm searches again. The quality
+benchmark's learning-rate search (``benchmarks/lr_search.py``) applies the same rule.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import read_yaml
 
-BRACKETS_FILE = "brackets.json"
+PREFIX = "bracket "  # study user attribute of an arm's choice: PREFIX + arm_key(arm)
 
 
 class Bracket(BaseModel):
@@ -61,7 +61,7 @@ class Bracket(BaseModel):
 
 
 def arm_key(arm: dict[str, Any]) -> str:
-    """An arm's identity in ``brackets.json``: its values but the seed, as sorted JSON."""
+    """An arm's identity among the choices: its values but the seed, as sorted JSON."""
     return json.dumps({k: v for k, v in arm.items() if k not in ("seed", "eval.seed")}, sort_keys=True)
 
 
@@ -86,20 +86,21 @@ def study_budget(spec) -> dict[str, Any]:
     return budget_of(spec.bracket, dict(spec.overrides), read_yaml(spec.base_path()))
 
 
-def pending(spec) -> list[dict[str, Any]]:
-    """The study's arms (seed left out) whose bracketed value is not yet stored for its budget."""
+def pending(spec, study) -> list[dict[str, Any]]:
+    """The study's arms (seed left out) whose bracketed value ``study`` (``None``: not created yet)
+    does not hold for the study's budget."""
     if spec.bracket is None:
         return []
-    entries, budget = load_entries(spec.study_dir), study_budget(spec)
+    entries, budget = load_entries(study), study_budget(spec)
     return [arm for arm in distinct_arms(spec.arms) if chosen_value(entries, arm, budget) is None]
 
 
-def value_for(spec, chosen: dict[str, Any]) -> dict[str, Any]:
+def value_for(spec, study, chosen: dict[str, Any]) -> dict[str, Any]:
     """``{key: value}`` for a trial of the arm ``chosen`` (its searched values), ``{}`` for a study
     without ``bracket``; :class:`ConfigError` when the arm's search has not run for this budget."""
     if spec.bracket is None:
         return {}
-    value = chosen_value(load_entries(spec.study_dir), chosen, study_budget(spec))
+    value = chosen_value(load_entries(study), chosen, study_budget(spec))
     if value is None:
         raise ConfigError([f"bracket: no {spec.bracket.key} chosen yet for arm {arm_key(chosen)} with this budget; "
                            f"`nestar study run` searches it before the study's trials "
@@ -107,10 +108,16 @@ def value_for(spec, chosen: dict[str, Any]) -> dict[str, Any]:
     return {spec.bracket.key: value}
 
 
-def load_entries(study_dir: Path) -> dict[str, Any]:
-    """``brackets.json``: arm key -> {arm, key, value, scores, neighbours, budget, study_dir}."""
-    path = Path(study_dir) / BRACKETS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def load_entries(study) -> dict[str, Any]:
+    """The choices ``study`` holds: arm key -> {arm, key, value, scores, neighbours, budget, search}."""
+    if study is None:
+        return {}
+    return {k[len(PREFIX):]: v for k, v in study.user_attrs.items() if k.startswith(PREFIX)}
+
+
+def store(study, arm: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Keep the arm's choice in the study's storage (seen by every process sharing it)."""
+    study.set_user_attr(PREFIX + arm_key(arm), entry)
 
 
 def chosen_value(entries: dict[str, Any], arm: dict[str, Any], budget: dict[str, Any]) -> float | None:

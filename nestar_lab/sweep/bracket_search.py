@@ -1,6 +1,7 @@
 """Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm,
-run by ``nestar study run`` before the study's own trials, each an ordinary study under
-``<study_dir>/brackets/`` (resumable; ``nestar study report <its study.yaml>`` reads it)."""
+run by ``nestar study run`` before the study's own trials, each an ordinary study in the study's
+storage with its runs under ``<study_dir>/brackets/`` (resumable; ``nestar study report <its
+study.yaml> --storage URL`` reads it)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import copy
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,16 +18,7 @@ import yaml
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import dump_config, validate_config
-from nestar_lab.sweep.bracket import (
-    BRACKETS_FILE,
-    arm_key,
-    load_entries,
-    neighbours,
-    next_value,
-    pending,
-    study_budget,
-    trial_scores,
-)
+from nestar_lab.sweep.bracket import load_entries, neighbours, next_value, pending, store, study_budget, trial_scores
 from nestar_lab.sweep.storage import StudyFailed
 from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
 from nestar_lab.sweep.tuning import Objective, run_study
@@ -81,13 +71,14 @@ def search_metrics(cfg, objective: str) -> list[dict[str, Any]]:
     return keep
 
 
-def arm_study(spec: StudySpec, arm: dict[str, Any]) -> StudySpec:
+def arm_study(spec: StudySpec, arm: dict[str, Any], storage: str) -> StudySpec:
     """The arm's search: base = the study's base with its overrides and the arm's values (written to
-    the search's directory), trials = the grid, scored by the study's first objective."""
+    the search's directory), trials = the grid, scored by the study's first objective. It lives in
+    the study's own ``storage`` (named after the study), so processes sharing the study share it."""
     b = spec.bracket
     root = spec.study_dir / "brackets"
     shown = json.dumps(arm, sort_keys=True, default=str)
-    name = f"{b.key.replace('.', '_')}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
+    name = f"{spec.name}.bracket.{b.key}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
     study_dir = root / name
     study_dir.mkdir(parents=True, exist_ok=True)
     cfg = validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), {**spec.overrides, **arm}))
@@ -106,7 +97,8 @@ def arm_study(spec: StudySpec, arm: dict[str, Any]) -> StudySpec:
         trials=len(b.grid),
         max_errors_in_a_row=1,  # a failed value is not replaced by a random one: the search stops
         output_dir=str(root.resolve()),
-        notes=f"bracketing {b.key} for arm {shown} of study {spec.name}",
+        notes=f"bracketing {b.key} for arm {shown} of study {spec.name}; its storage: {storage} "
+              f"(nestar study report THIS_FILE --storage URL)",
     )
     source = study_dir / "study.yaml"
     source.write_text(yaml.safe_dump(sub.model_dump(mode="json", by_alias=True, exclude={"source"}, exclude_none=True),
@@ -114,30 +106,22 @@ def arm_study(spec: StudySpec, arm: dict[str, Any]) -> StudySpec:
     return sub.model_copy(update={"source": source})
 
 
-def search_brackets(spec: StudySpec) -> dict[str, Any]:
-    """Every arm's bracketed value, searched where ``brackets.json`` lacks it for this budget (one
-    arm after another, each stored as it finishes). Returns the stored entries."""
+def search_brackets(spec: StudySpec, study: optuna.Study, storage: str) -> dict[str, Any]:
+    """Every arm's bracketed value, searched where ``study`` lacks it for this budget (one arm after
+    another, each kept in the study's storage as it finishes). Returns the study's choices."""
     budget = study_budget(spec) if spec.bracket else None
-    for arm in pending(spec):
+    for arm in pending(spec, study):
         b, label = spec.bracket, ", ".join(f"{k}={v}" for k, v in arm.items()) or "(base)"
-        sub = arm_study(spec, arm)
+        sub = arm_study(spec, arm, storage)
         print(f"[bracket] {spec.name}: {b.key} for {label} ({len(b.grid)}+ trials x {b.steps} steps)",
               file=sys.stderr, flush=True)  # fmt: skip
-        study = run_study(sub, trials=sub.trials)
+        search = run_study(sub, trials=sub.trials, storage=storage)
         sign = 1.0 if spec.objectives[0].direction == "minimize" else -1.0
-        best, scores = extend(study, sub, b.key, list(b.grid), b.factor, b.cap, label, sign)
+        best, scores = extend(search, sub, b.key, list(b.grid), b.factor, b.cap, label, sign)
+        objective = {v: (sign * x if math.isfinite(x) else None) for v, x in scores.items()}  # None: diverged
         entry = {"arm": arm, "key": b.key, "value": best, "neighbours": neighbours(scores, best),
-                 "scores": sorted((v, sign * s) for v, s in scores.items()), "objective": spec.objectives[0].metric,
-                 "budget": budget, "study_dir": str(sub.study_dir)}  # fmt: skip
+                 "scores": sorted(objective.items()), "objective": spec.objectives[0].metric,
+                 "budget": budget, "search": sub.name}  # fmt: skip
         print(f"[bracket] {label}: {b.key} {best:g}", file=sys.stderr, flush=True)
-        store(spec.study_dir, arm, entry)
-    return load_entries(spec.study_dir)
-
-
-def store(study_dir: Path, arm: dict[str, Any], entry: dict[str, Any]) -> None:
-    """Add the arm's entry to ``brackets.json`` (written whole, then renamed into place)."""
-    entries = load_entries(study_dir) | {arm_key(arm): entry}  # reread: another process may have added one
-    path = Path(study_dir) / BRACKETS_FILE
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1, default=str) + "\n")
-    tmp.replace(path)
+        store(study, arm, entry)
+    return load_entries(study)

@@ -7,7 +7,6 @@ import copy
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
-from nestar_lab.sweep.bracket import pending
 from nestar_lab.sweep.study import StudySpec, apply_dotted
 
 
@@ -21,14 +20,15 @@ def timed_step_seconds(spec: StudySpec, device: str | None = None) -> float:
     return time_step(validate_config(raw))
 
 
-def describe_cost(spec: StudySpec, to_run: int, step_s: float | None) -> str:
+def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: int = 0) -> str:
     """One line: the trials left, their training steps, the bracketing searches still to run (at
-    least the grid per arm; extensions past an edge add trials), and the hours at ``step_s``
+    least the grid per arm; ``searches``: the arms without their ``bracket:`` value yet;
+    extensions past an edge add trials), and the hours at ``step_s``
     (training only: evaluation comes on top)."""
     steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
     shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
     line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
-    searches, search_steps = len(pending(spec)), 0
+    search_steps = 0
     if searches:
         b = spec.bracket
         search_steps = searches * len(b.grid) * b.steps

@@ -201,23 +201,22 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     return study
 
 
-def finished_so_far(spec: StudySpec, storage: str | None) -> int:
-    """Finished trials of the study in ``storage`` (default: the study directory's SQLite file),
-    read without creating anything: 0 when the database or the study does not exist yet."""
+def existing_study(spec: StudySpec, storage: str | None) -> optuna.Study | None:
+    """The study in ``storage`` (default: the study directory's SQLite file), loaded without
+    creating anything: ``None`` when the database or the study does not exist yet."""
     if storage is None:
         db = spec.study_dir / "study.db"
         if not db.is_file():
-            return 0
+            return None
         storage = f"sqlite:///{db.resolve()}"
     elif storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
-        return 0
+        return None
     elif storage.startswith("journal:") and not Path(storage[len("journal:"):]).is_file():
-        return 0
+        return None
     try:
-        study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec.heartbeat_seconds))
+        return optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec.heartbeat_seconds))
     except KeyError:  # the database exists, this study not yet
-        return 0
-    return tally(study)["finished"]
+        return None
 
 
 def fail_stale(study: optuna.Study) -> None:

@@ -362,7 +362,7 @@ def trial_overrides(spec: StudySpec, trial: optuna.Trial) -> dict[str, Any]:
             chosen[key] = space.suggest(trial, key)
     if spec.seeds and "seed" in chosen:  # a seed fixes the evaluation draw too, as bench_quality does
         chosen.setdefault("eval.seed", 1234 + int(chosen["seed"]))
-    return {**spec.overrides, **value_for(spec, chosen), **chosen}
+    return {**spec.overrides, **value_for(spec, trial.study, chosen), **chosen}
 
 
 def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

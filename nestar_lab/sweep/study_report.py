@@ -61,7 +61,7 @@ def arm_label(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("seed", "eval.seed")) or "(base)"
 
 
-def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
+def paired_table(table: pd.DataFrame, spec: StudySpec, study: optuna.Study | None = None) -> str | None:
     """With ``spec.seeds``: each arm's paired difference from the reference arm (``spec.reference``,
     default the first arm) on every objective, over the seeds both completed, as markdown; the
     interval either resolves the difference or says how many seeds would (``nestar_lab.sweep.paired``).
@@ -93,18 +93,18 @@ def paired_table(table: pd.DataFrame, spec: StudySpec) -> str | None:
             cells.append(diff.cell(3, o.direction == "minimize"))
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     head = f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n"
-    notes = [n for n in (brackets_note(spec), grid_edges(done_rows(table), spec)) if n]
+    notes = [n for n in (brackets_note(spec, study), grid_edges(done_rows(table), spec)) if n]
     return ("Each arm over its seeds (mean [95% t-interval]):\n\n" + "\n".join(means) + "\n\n"
             + head + "\n".join(lines) + "".join(f"\n\n{n}" for n in notes))
 
 
-def brackets_note(spec: StudySpec) -> str | None:
-    """With ``bracket:``: each arm's chosen value and its bracket (``brackets.json``)."""
+def brackets_note(spec: StudySpec, study: optuna.Study) -> str | None:
+    """With ``bracket:``: each arm's chosen value and its bracket (kept in the study's storage)."""
     if spec.bracket is None:
         return None
     from nestar_lab.sweep.bracket import arm_key, describe, distinct_arms, load_entries, study_budget
 
-    b, entries, budget = spec.bracket, load_entries(spec.study_dir), study_budget(spec)
+    b, entries, budget = spec.bracket, load_entries(study), study_budget(spec)
     lines = []
     for arm in distinct_arms(spec.arms):
         entry = entries.get(arm_key(arm))
@@ -192,7 +192,7 @@ def report(spec: StudySpec, storage: str | None = None, out_dir: str | Path | No
     table = trials_table(study, spec)
     table_path = out_dir / "trials.csv"
     table.to_csv(table_path, index=False)
-    paired_md = paired_table(table, spec)
+    paired_md = paired_table(table, spec, study)
     if paired_md is not None:
         (out_dir / "paired.md").write_text(paired_md + "\n")
         if len(spec.objectives) == 2:  # each arm's mean of both objectives with its 95% intervals

@@ -57,8 +57,8 @@ from nestar_lab.sweep.storage import (
     _retry_now,
     check_storage,
     default_storage,
+    existing_study,
     fail_stale,
-    finished_so_far,
     invalid,
     open_study,
     tally,
@@ -237,7 +237,7 @@ def run_study(
     progress: bool = False,
     estimate: bool = False,
     dry_run: bool = False,
-    prepare: Callable[[StudySpec], object] | None = None,
+    prepare: Callable[[StudySpec, optuna.Study, str], object] | None = None,
 ) -> optuna.Study | None:
     """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
     every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
@@ -247,26 +247,30 @@ def run_study(
     trials in a row, or when interrupted (its trial is re-queued for the next run). ``estimate``:
     first print what is left to run and its cost (from a training step timed here) to stderr.
     ``dry_run``: print that (to stdout) and return None, training and creating nothing.
-    ``prepare``: called with the spec after the estimate and before any trial; a study with
+    ``prepare``: called with the spec, the study and its storage URL after the estimate and before
+    any trial; a study with
     ``bracket:`` needs ``bracket_search.search_brackets`` there (``nestar study run`` passes it)."""
     trials = trials or spec.trials
     if storage:
         check_storage(storage)  # before the study directory or any trial exists
     if dry_run:
-        left = max(0, trials - finished_so_far(spec, storage))
-        print(describe_cost(spec, left, timed_step_seconds(spec) if left or pending(spec) else None), flush=True)
+        existing = existing_study(spec, storage)
+        left = max(0, trials - (tally(existing)["finished"] if existing is not None else 0))
+        searches = len(pending(spec, existing))
+        step_s = timed_step_seconds(spec) if left or searches else None
+        print(describe_cost(spec, left, step_s, searches), flush=True)
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
-        left = max(0, trials - tally(study)["finished"])
-        print(describe_cost(spec, left, timed_step_seconds(spec) if left or pending(spec) else None), file=sys.stderr,
-              flush=True)  # fmt: skip
+        left, searches = max(0, trials - tally(study)["finished"]), len(pending(spec, study))
+        step_s = timed_step_seconds(spec) if left or searches else None
+        print(describe_cost(spec, left, step_s, searches), file=sys.stderr, flush=True)
     if prepare is not None:
-        prepare(spec)
-    if pending(spec):
+        prepare(spec, study, storage)
+    if pending(spec, study):
         raise ConfigError([f"study {spec.name}: {spec.bracket.key} is bracketed per arm (bracket:) and arms "
-                           f"{pending(spec)} have no search yet; run it with `nestar study run`, or pass "
+                           f"{pending(spec, study)} have no search yet; run it with `nestar study run`, or pass "
                            f"prepare=nestar_lab.sweep.bracket_search.search_brackets"])  # fmt: skip
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
