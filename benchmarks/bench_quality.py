@@ -162,6 +162,18 @@ def run_hours(table: dict[str, list[str]], labels, args) -> dict[str, float]:
     return hours
 
 
+def left_to_train(todo: dict[str, list[str]], lrs: dict[str, float], seeds: list[int], args,
+                  store: pd.DataFrame) -> list[tuple[int, str]]:  # fmt: skip
+    """The (seed, variant) runs that still need training, in the order they will run."""
+    left = []
+    for seed in seeds:
+        for label in todo:
+            cfg = seeded_config(todo[label], lrs[label], seed, args, label)
+            if needs_training(store, cfg, run_dir_of(label, cfg, args), args.grid):
+                left.append((seed, label))
+    return left
+
+
 def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str:
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
@@ -246,7 +258,9 @@ def main() -> None:
         print(f"[lr] {label}: lr {lrs[label]:g} (trial lr -> FID: {scores}; {time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
     start, total = time.perf_counter(), len(todo) * len(seeds)
-    done, took = 0, []
+    hours, rows = run_hours(todo, list(todo), args), results.load(out_dir)
+    to_train = left_to_train(todo, lrs, seeds, args, rows)  # what the time left is made of
+    done, took = 0, []  # took: (seconds, estimated seconds) of each run trained from scratch here
     for seed in seeds:  # seed-major: each finished round adds one paired difference for every variant
         for label in todo:
             done += 1
@@ -262,15 +276,22 @@ def main() -> None:
                     continue
                 print(f"[{done}/{total}] {label} seed {seed}: in the store without its guidance grid and without "
                       f"its checkpoint: trained again", flush=True)  # fmt: skip
-            t1 = time.perf_counter()
+            t1, fresh = time.perf_counter(), not (run_dir / CHECKPOINT).is_file()
             row = run_one(cfg, run_dir)
             guidance.evaluate_grid(cfg, run_dir, out_dir, args.grid)
-            took.append(time.perf_counter() - t1)
+            if fresh:  # a resumed run's time says little about a whole one
+                took.append((time.perf_counter() - t1, hours[label] * 3600))
+            if (seed, label) in to_train:
+                to_train.remove((seed, label))
             elapsed = time.perf_counter() - start
-            left = (total - done) * sum(took) / len(took)  # at this session's measured rate
+            # each variant's timed estimate, scaled by how this session's whole runs compared with theirs
+            pace = sum(t for t, _ in took) / sum(e for _, e in took) if took else 1.0
+            left = pace * sum(hours[lab] * 3600 for _, lab in to_train)
             fid, acc = row.get("fid_digits_cnn", float("nan")), row.get("class_accuracy", float("nan"))
-            print(f"[{done}/{total}] {label} seed {seed}: FID {fid:.2f}, class acc {acc:.3f} in {took[-1]:.0f} s; "
-                  f"elapsed {minutes(elapsed)}, about {minutes(left)} of seeded runs left", flush=True)  # fmt: skip
+            paced = f"x{pace:.2f} as measured on {len(took)} whole run(s)" if took else "as timed before the runs"
+            print(f"[{done}/{total}] {label} seed {seed}: FID {fid:.2f}, class acc {acc:.3f} in "
+                  f"{time.perf_counter() - t1:.0f} s; elapsed {minutes(elapsed)}, about {minutes(left)} of seeded "
+                  f"runs left ({len(to_train)} runs, each variant's estimate {paced})", flush=True)  # fmt: skip
         if MATCH_TO in todo:
             write_summary(args, table, seeds, b)  # the table so far, after every round
     write_summary(args, table, seeds, b)
