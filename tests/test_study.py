@@ -399,6 +399,22 @@ def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fiel
     assert len(info.value.lines) == 1 and message in info.value.lines[0], info.value.lines
 
 
+@pytest.mark.parametrize("space, message", [
+    ({"train.lr": {"float": [1e-2, 1e-4], "log": True}}, "float: [0.01, 0.0001] has low above high"),
+    ({"generator.params.k": {"int": [8, 2]}}, "int: [8, 2] has low above high"),
+    ({"train.lr": {"choices": []}}, "choices: empty"),
+    ({"train.lr": {"float": [1e-4, 1e-2], "step": -1}}, "step: expected a value > 0"),
+    ({"train.lr": {"float": [1e-4, 1e-2], "step": 1e-4, "log": True}}, "without steps; drop step or log"),
+    ({"train.warmup_steps": {"int": [0, 8], "log": True}}, "a log range needs low >= 1"),
+])  # fmt: skip
+def test_a_range_optuna_would_refuse_at_its_first_trial_is_refused_when_the_study_loads(space, message, tmp_path,
+                                                                                         tiny_raw):  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, space=space)
+    (line,) = info.value.lines
+    assert f"space.{next(iter(space))}: " in line and message in line, line
+
+
 @pytest.mark.parametrize("fields, where", [
     ({"space": {"train.no_such_knob": {"choices": [1, 2]}}}, "space.train.no_such_knob"),
     ({"space": {"no_such_section.x": {"float": [0.1, 1.0]}}}, "space.no_such_section.x"),

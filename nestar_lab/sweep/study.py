@@ -65,6 +65,19 @@ class ParamSpace(Strict):
         kinds = [k for k in (self.choices, self.int_range, self.float_range) if k is not None]
         if len(kinds) != 1:
             raise ValueError("give exactly one of choices, int: [low, high], float: [low, high]")
+        if self.choices is not None:  # what Optuna would refuse only when a trial asks for a value
+            if not self.choices:
+                raise ValueError("choices: empty; give at least one value")
+            return self
+        kind, (low, high) = ("int", self.int_range) if self.int_range is not None else ("float", self.float_range)
+        if low > high:
+            raise ValueError(f"{kind}: [{low}, {high}] has low above high; give [low, high]")
+        if self.log and (low <= 0 if kind == "float" else low < 1):
+            raise ValueError(f"log: a log range needs low {'> 0' if kind == 'float' else '>= 1'}; got {kind}: [{low}, {high}]")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step: expected a value > 0, got {self.step}")
+        if self.log and self.step not in (None, 1):
+            raise ValueError("step: Optuna searches a log range without steps; drop step or log")
         return self
 
     def suggest(self, trial: optuna.Trial, key: str) -> Any:
