@@ -98,7 +98,7 @@ def results_of(spec):
 
 def test_every_value_and_arm_is_checked_before_any_trial(tmp_path, tiny_raw):
     space = {
-        "generator.params.k": {"choices": [2, 3]},  # 3: 64 tokens are no power of 3
+        "generator.params.k": {"choices": [2, 3, 8]},  # 3: 64 tokens are no power of 3
         "train.lr": {"float": [-1.0, 1e-3]},  # the lower bound is no learning rate
         "tokenizer.params.patch_size": {"int": [1, 2]},
     }
@@ -406,13 +406,26 @@ def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fiel
     ({"train.lr": {"float": [1e-4, 1e-2], "step": -1}}, "step: expected a value > 0"),
     ({"train.lr": {"float": [1e-4, 1e-2], "step": 1e-4, "log": True}}, "without steps; drop step or log"),
     ({"train.warmup_steps": {"int": [0, 8], "log": True}}, "a log range needs low >= 1"),
+    ({"generator.params.k": {"choices": [4, 8]}, "train.lr": {"float": [1e-4, 1e-2], "if": {"generator.params.k": [2]}}},
+     "condition generator.params.k in [2] never holds (generator.params.k searches choices [4, 8])"),
 ])  # fmt: skip
 def test_a_range_optuna_would_refuse_at_its_first_trial_is_refused_when_the_study_loads(space, message, tmp_path,
                                                                                          tiny_raw):  # fmt: skip
     with pytest.raises(ConfigError) as info:
         write_study(tmp_path, tiny_raw, space=space)
     (line,) = info.value.lines
-    assert f"space.{next(iter(space))}: " in line and message in line, line
+    assert f"space.{list(space)[-1]}: " in line and message in line, line
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"generator.params.k": 2}, "arms.0.generator.params.k: 2 is outside the space's choices [4, 8]"),
+    ({"generator.params.k": 4, "train.lr": 0.5}, "arms.0.train.lr: 0.5 is outside the space's float: [0.0001, 0.01]"),
+])  # fmt: skip
+def test_an_arm_outside_its_space_is_refused_when_the_study_loads(arm, message, tmp_path, tiny_raw):
+    space = {"generator.params.k": {"choices": [4, 8]}, "train.lr": {"float": [1e-4, 1e-2]}}
+    with pytest.raises(ConfigError) as info:
+        write_study(tmp_path, tiny_raw, space=space, arms=[arm])
+    assert any(message in line for line in info.value.lines), info.value.lines
 
 
 @pytest.mark.parametrize("fields, where", [

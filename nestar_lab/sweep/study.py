@@ -80,6 +80,19 @@ class ParamSpace(Strict):
             raise ValueError("step: Optuna searches a log range without steps; drop step or log")
         return self
 
+    def holds(self, value: Any) -> bool:
+        """Whether the space can propose ``value`` (an arm's value, a condition's)."""
+        if self.choices is not None:
+            return value in self.choices
+        low, high = self.int_range or self.float_range
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return numeric and low <= value <= high and (self.int_range is None or float(value).is_integer())
+
+    def shown(self) -> str:
+        if self.choices is not None:
+            return f"choices {self.choices}"
+        return f"int: {list(self.int_range)}" if self.int_range is not None else f"float: {list(self.float_range)}"
+
     def suggest(self, trial: optuna.Trial, key: str) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(key, self.choices)
@@ -187,13 +200,20 @@ class StudySpec(Strict):
         if self.pruner.name not in PRUNERS:
             raise ValueError(f"pruner {self.pruner.name!r} unknown; choose from {', '.join(PRUNERS)}")
         for key, space in self.space.items():
-            for other in space.condition:
+            for other, values in space.condition.items():
                 if other not in self.space:
                     raise ValueError(f"space.{key}: condition on {other!r}, which is not searched")
+                if not any(self.space[other].holds(v) for v in values):
+                    raise ValueError(f"space.{key}: condition {other} in {values} never holds ({other} searches "
+                                     f"{self.space[other].shown()}), so {key} would never be searched")  # fmt: skip
         for i, arm in enumerate(self.arms):
             unknown = set(arm) - set(self.space)
             if unknown:
                 raise ValueError(f"arms.{i}: keys {sorted(unknown)} are not in the search space")
+            for key, value in arm.items():
+                if key != "seed" and not self.space[key].holds(value):
+                    raise ValueError(f"arms.{i}.{key}: {value!r} is outside the space's {self.space[key].shown()}; "
+                                     f"add it to the space or change the arm")  # fmt: skip
         if self.reference is not None:
             if not self.seeds:
                 raise ValueError("reference: a paired comparison needs seeds: [..] (at least 2)")
