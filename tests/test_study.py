@@ -408,13 +408,16 @@ def test_a_seeded_study_that_cannot_give_an_interval_is_refused_before_work(fiel
     ({"train.warmup_steps": {"int": [0, 8], "log": True}}, "a log range needs low >= 1"),
     ({"generator.params.k": {"choices": [4, 8]}, "train.lr": {"float": [1e-4, 1e-2], "if": {"generator.params.k": [2]}}},
      "condition generator.params.k in [2] never holds (generator.params.k searches choices [4, 8])"),
+    ({"train.lr": {"float": [1e-4, 1e-2]}, "sampler": "grid"}, "grid walks lists of values; space.train.lr is a range"),
 ])  # fmt: skip
 def test_a_range_optuna_would_refuse_at_its_first_trial_is_refused_when_the_study_loads(space, message, tmp_path,
                                                                                          tiny_raw):  # fmt: skip
+    sampler = space.pop("sampler", None)
+    fields = {"sampler": {"name": sampler, "params": {"seed": 0}}} if sampler else {}
     with pytest.raises(ConfigError) as info:
-        write_study(tmp_path, tiny_raw, space=space)
+        write_study(tmp_path, tiny_raw, space=space, **fields)
     (line,) = info.value.lines
-    assert f"space.{list(space)[-1]}: " in line and message in line, line
+    assert message in line and (sampler or f"space.{list(space)[-1]}: " in line), line
 
 
 @pytest.mark.parametrize("arm, message", [

@@ -199,6 +199,10 @@ class StudySpec(Strict):
             raise ValueError(f"sampler {self.sampler.name!r} unknown; choose from {', '.join(SAMPLERS)}")
         if self.pruner.name not in PRUNERS:
             raise ValueError(f"pruner {self.pruner.name!r} unknown; choose from {', '.join(PRUNERS)}")
+        ranges = [k for k, v in self.space.items() if v.choices is None]
+        if self.sampler.name == "grid" and ranges and "search_space" not in self.sampler.params:
+            raise ValueError(f"sampler: grid walks lists of values; space.{ranges[0]} is a range (give it choices: "
+                             f"[...], or use sampler random or tpe)")  # fmt: skip
         for key, space in self.space.items():
             for other, values in space.condition.items():
                 if other not in self.space:
