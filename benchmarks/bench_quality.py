@@ -43,7 +43,7 @@ from nestar_lab.run import results
 from nestar_lab.run.evaluate import evaluate, time_sampling
 from nestar_lab.run.experiment import device_name, pick_device
 from nestar_lab.run.results import config_hash
-from nestar_lab.run.rundir import CHECKPOINT
+from nestar_lab.run.rundir import CHECKPOINT, check_writable
 from nestar_lab.run.train import load_trained, time_step, train
 
 SEC_PER_SEARCH_EVAL = 15.0  # 2-core CPU, for the estimate only
@@ -243,6 +243,10 @@ def main() -> None:
     if len(seeds) < 5:
         print(f"warning: {len(seeds)} seeds; paired intervals need about 5 or more to resolve a difference", flush=True)
     b = lr_search.budget(args.lr_trials, args.lr_steps, args.lr_samples_per_class)
+    check_writable(out_dir, "--out-dir")  # every place a result goes, before any search or training
+    check_writable(Path(args.out).resolve().parent, "--out")
+    if not args.summary_only:
+        check_writable(runs_dir(args), "--runs-dir")
     if args.summary_only:
         return write_summary(args, table, seeds, b)
     store = out_dir / "lr.json"

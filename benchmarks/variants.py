@@ -117,14 +117,18 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 def run_main(main) -> None:
     """A benchmark's entry point: bad input (a config value, a path that is no run) ends as the
-    library's one line per problem and exit code 2, as ``nestar`` does, not a traceback."""
+    library's one line per problem and exit code 2, as ``nestar`` does, not a traceback; so do an
+    interruption (Ctrl-C, SIGTERM: the same command resumes) and a study or training that failed
+    as the library reports it (an ``exit_code`` of its own). Anything else is a bug: traceback."""
     import sys
 
     from nestar_lab.config.errors import BadInput, describe
 
     try:
         main()
-    except BadInput as exc:
+    except (BadInput, KeyboardInterrupt, Exception) as exc:
+        if not isinstance(exc, (BadInput, KeyboardInterrupt)) and not hasattr(exc, "exit_code"):
+            raise
         code, lines = describe(exc)
         print("\n".join(lines), file=sys.stderr)
         sys.exit(code)

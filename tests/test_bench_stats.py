@@ -286,6 +286,59 @@ def test_a_benchmark_refuses_bad_input_in_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["config error: device: got 'tpu'; input should be 'auto', 'cpu' or 'cuda'"]
 
 
+@pytest.mark.parametrize("raised, code, line", [
+    ("study", 1, "error: study lr_x: 3 trials in a row failed"),
+    ("interrupt", 143, "error: interrupted at step 7; resume with: nestar train --resume runs/x"),
+    ("ctrl-c", 130, "interrupted"),
+])  # fmt: skip
+def test_a_benchmark_ends_a_failed_study_or_an_interruption_in_one_line(raised, code, line, capsys):
+    import signal
+
+    import variants
+
+    from nestar_lab.run.train import TrainingInterrupted
+    from nestar_lab.sweep.storage import StudyFailed
+
+    def main():
+        if raised == "study":
+            raise StudyFailed("study lr_x: 3 trials in a row failed")
+        if raised == "interrupt":
+            raise TrainingInterrupted(Path("runs/x"), 7, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        variants.run_main(main)
+    assert info.value.code == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_a_benchmark_bug_keeps_its_traceback():
+    import variants
+
+    def main():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        variants.run_main(main)
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--out", "--runs-dir"])
+def test_the_quality_benchmark_refuses_a_place_it_cannot_write_before_any_work(flag, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    target = str(blocker / "sub" / ("table.md" if flag == "--out" else ""))
+    monkeypatch.setattr(bench_quality.lr_search, "choose_lr", lambda *a, **k: pytest.fail("searched"))
+    monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--variants", "NestAR k=4,AR (raster)", flag, target,
+                                      *([] if flag == "--out-dir" else ["--out-dir", str(tmp_path / "store")])])
+    import variants
+
+    with pytest.raises(SystemExit) as info:
+        variants.run_main(bench_quality.main)
+    assert info.value.code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "a part of this path is a file" in err and flag in err
+
+
 def test_grid_evaluations_skip_what_the_tables_do_not_read_and_keep_the_runs_parameter_count(tiny_raw):
     import guidance
 

@@ -116,9 +116,9 @@ def clear_run(run_dir: str | Path) -> None:
                 raise RunDirError(f"{path}: cannot remove the old run's logs ({reason}); remove it by hand") from None
 
 
-def check_writable(run_dir: str | Path) -> Path:
+def check_writable(run_dir: str | Path, option: str = "--run-dir") -> Path:
     """Create ``run_dir`` and write and remove a probe file in it, or raise a one-line
-    :class:`RunDirError` naming the path: checked before any work starts."""
+    :class:`RunDirError` naming the path (and ``option``, what sets it): checked before any work."""
     run_dir = Path(run_dir)
     probe = run_dir / f".nestar-write-probe-{os.getpid()}"
     try:
@@ -126,15 +126,15 @@ def check_writable(run_dir: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except FileExistsError:
-        raise RunDirError(f"{run_dir}: exists and is not a directory; choose another --run-dir") from None
+        raise RunDirError(f"{run_dir}: exists and is not a directory; choose another {option}") from None
     except NotADirectoryError:
         raise RunDirError(
-            f"{run_dir}: a part of this path is a file, not a directory; choose another --run-dir"
+            f"{run_dir}: a part of this path is a file, not a directory; choose another {option}"
         ) from None
     except OSError as exc:
         raise RunDirError(
-            f"{run_dir}: cannot write the run directory ({os_reason(exc)}); "
-            "fix its permissions or choose another --run-dir"
+            f"{run_dir}: cannot write there ({os_reason(exc)}); "
+            f"fix its permissions or choose another {option}"
         ) from None
     return run_dir
 
