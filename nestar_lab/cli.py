@@ -354,6 +354,8 @@ def _split(text: str) -> list[str]:
 def cmd_table(args) -> int:
     from nestar_lab.run import results
 
+    if not Path(args.results_dir).is_dir():
+        raise FileNotFoundError(2, "no such directory (--results-dir: a results store, e.g. runs)", args.results_dir)
     df = results.load(args.results_dir)
     if df.empty:
         print(f"no results yet in {results.results_path(args.results_dir)}", file=sys.stderr)

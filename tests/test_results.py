@@ -50,7 +50,9 @@ def test_cli_table_and_plot(tiny_raw, tmp_path, capsys):
     png = tmp_path / "plot.png"
     assert main(["plot", "--results-dir", out_dir, "--y", "fid_digits_cnn", "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
-    assert main(["table", "--results-dir", str(tmp_path / "empty")]) == 1
+    assert main(["table", "--results-dir", str(tmp_path / "no_such_dir")]) == 2  # a typo, most likely: an error
+    (tmp_path / "empty").mkdir()
+    assert main(["table", "--results-dir", str(tmp_path / "empty")]) == 1  # a store with no runs yet
 
 
 def test_pareto_front():
@@ -135,6 +137,7 @@ def test_table_reference_refuses_what_cannot_be_paired(tiny_raw, tmp_path, capsy
         (["--by", "coordination.weight", "--reference", "3"], "--reference '3': no runs with coordination.weight = '3'"),
         (["--reference", "0"], "--reference: give --by too"),
         (["--by", "coordination", "--reference", "velocity_matching"], "more than one run at seed 0"),
+        (["--by", "coordination", "--reference", "nope"], "--reference 'nope': no runs with coordination"),  # first
         (["--by", "coordination.weight", "--reference", "0", "--where", "seed=7"], "no runs left after --where"),
     ]
     for extra, want in cases:

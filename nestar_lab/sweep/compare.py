@@ -38,13 +38,17 @@ def runs_by_group(df: pd.DataFrame, by_cols: list[str]) -> dict[str, tuple[tuple
     groups: dict[str, tuple[tuple, pd.DataFrame]] = {}
     for keys, rows in df.groupby(by_cols, dropna=False, sort=False):
         keys = keys if isinstance(keys, tuple) else (keys,)
-        label = group_label(keys, by_cols)
-        twice = rows["seed"][rows["seed"].duplicated()].tolist()
+        groups[group_label(keys, by_cols)] = (keys, rows.set_index("seed"))
+    return groups
+
+
+def check_one_run_per_seed(groups: dict[str, tuple[tuple, pd.DataFrame]]) -> None:
+    """One line naming the first group with two runs at one seed (they cannot be paired)."""
+    for label, (_, rows) in groups.items():
+        twice = rows.index[rows.index.duplicated()].tolist()
         if twice:
             raise BadInput(f"--reference: group {label!r} has more than one run at seed {twice[0]}; "
                            f"narrow the rows with --where (or --by another column) so that each seed is one run")  # fmt: skip
-        groups[label] = (keys, rows.set_index("seed"))
-    return groups
 
 
 def find_reference(reference: str, groups: dict[str, tuple[tuple, pd.DataFrame]], by_cols: list[str],
@@ -92,7 +96,8 @@ def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, m
     by_cols = [results.resolve_column(df, b) for b in by]
     metric_cols = [results.resolve_column(df, m) for m in metrics] if metrics else _numeric_metrics(df)
     groups = runs_by_group(df, by_cols)
-    ref = find_reference(reference, groups, by_cols, df)
+    ref = find_reference(reference, groups, by_cols, df)  # a reference not in the results, named first
+    check_one_run_per_seed(groups)
     ref_rows = groups[ref][1]
     rows = []
     for label, (_, g) in groups.items():
