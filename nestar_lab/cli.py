@@ -404,6 +404,14 @@ def cmd_study(args) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         return 0
+    from nestar_lab.sweep.storage import check_storage, existing_study
+
+    if args.storage:
+        check_storage(args.storage)
+    if existing_study(spec, args.storage) is None:  # read without creating the study or its directory
+        print(f"study {spec.name}: nothing to report yet (no such study in "
+              f"{args.storage or spec.study_dir / 'study.db'}); run: nestar study run {args.study}", file=sys.stderr)
+        return 1
     out = report(spec, args.storage)
     for t in out.best:
         print(f"best trial {t.number}: values {t.values} params {t.params} run {t.user_attrs.get('run_id')}")

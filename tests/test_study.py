@@ -504,3 +504,11 @@ def test_study_run_refuses_counts_that_run_nothing(flag, value, tmp_path, tiny_r
 def test_every_shipped_study_loads_and_names_only_config_fields(path):
     spec = load_study(path)
     assert spec.trials >= 1 and spec.space
+
+
+def test_reporting_a_study_never_run_says_so_and_creates_nothing(tmp_path, tiny_raw, capsys):
+    spec = write_study(tmp_path, tiny_raw)
+    assert main(["study", "report", str(spec.source)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to report yet" in err and f"nestar study run {spec.source}" in err
+    assert not spec.study_dir.exists()
