@@ -2,7 +2,7 @@
 
 Every trial is an ordinary run (run directory under the study's ``trials/``, a row in the
 study's ``results.csv``) and records its run id. Every point of the space is validated when the
-study loads (``study.space_problems``); a combination that still fails validation FAILs with its
+study loads (``checks.space_problems``); a combination that still fails validation FAILs with its
 reason in ``invalid``; a trial that raises is marked failed (its ``error`` recorded) and the study goes on.
 
 What ``--trials N`` means. The study is done when it holds N *finished* trials: COMPLETE or
