@@ -4,6 +4,7 @@ them, and the caveat for learning rates chosen at an edge of the search grid."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -351,3 +352,32 @@ def test_grid_evaluations_skip_what_the_tables_do_not_read_and_keep_the_runs_par
     assert [m.name for m in g.metrics] == ["fidelity", "class_accuracy"]
     assert g.metrics[0].params["real_baseline"] is False and g.metrics[0].params["extractor"] == "dataset_cnn"
     assert (g.sample.cfg_scale, g.eval.seed) == (1.5, 9003) and [m.name for m in cfg.metrics][0] == "speed"
+
+
+def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order(tmp_path):
+    """``benchmarks/quality_tables.sh`` with stand-ins for python and nestar: the two headline
+    processes, the summary, then each ablation's run and report; ``ONLY`` picks one table."""
+    import subprocess
+
+    calls = tmp_path / "calls"
+    for name in ("py", "nestar"):
+        fake = tmp_path / name
+        fake.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": str(tmp_path / "py"), "NESTAR": str(tmp_path / "nestar"), "DEVICE": "cuda",
+           "LOGS": str(tmp_path / "logs")}  # fmt: skip
+    subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env=env, check=True, capture_output=True)
+    lines = calls.read_text().splitlines()
+    headline = sorted(line for line in lines[:2])
+    assert headline[0].startswith("py benchmarks/bench_quality.py --variants NestAR k=4,AR (raster),DiT ")
+    assert headline[1].startswith("py benchmarks/bench_quality.py --variants VAR,MAR ")
+    assert all("--device cuda" in line for line in lines[:3]) and "--summary-only" in lines[2]
+    assert lines[3:] == [f"nestar study {verb} {s}{' --workers 2' if verb == 'run' else ''}"
+                         for s in ("coordination_ablation", "k_ablation", "first_module_ablation")
+                         for verb in ("run", "report")]  # fmt: skip
+    assert (tmp_path / "logs" / "k_ablation.report.md").is_file()
+    calls.unlink()
+    subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env={**env, "ONLY": "k_ablation"},
+                   check=True, capture_output=True)  # fmt: skip
+    assert calls.read_text().splitlines() == ["nestar study run k_ablation --workers 2", "nestar study report k_ablation"]

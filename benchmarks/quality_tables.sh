@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every paired quality table, in the order docs/benchmarks.md gives them: the headline (NestAR k=4
+# against AR raster, VAR, MAR and DiT), then the coordination, patch-factor (k) and first-module
+# ablations. Each step resumes where it stopped (the results store and the study storages keep
+# what finished), so the same command continues the tables after an interruption or in a later
+# session; what is already done is skipped in seconds.
+#
+#   bash benchmarks/quality_tables.sh            # CPU (or the GPU when one is present: device auto)
+#   DEVICE=cuda bash benchmarks/quality_tables.sh
+#   ONLY=headline bash benchmarks/quality_tables.sh   # or coordination_ablation, k_ablation, ...
+#
+# On a 2-core CPU the headline runs as two 1-thread processes (the variants split so that each
+# holds about half the work) and each ablation as `nestar study run NAME --workers 2`; the
+# headline alone is 25 runs of 1200 steps, hours on a CPU (each command prints its estimate
+# before it starts). Logs go to runs/logs/ (LOGS=DIR for another place).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+NESTAR=${NESTAR:-.venv/bin/nestar}
+DEVICE=${DEVICE:-auto}
+ONLY=${ONLY:-}
+LOGS=${LOGS:-runs/logs}
+mkdir -p "$LOGS"
+
+wanted() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+
+if wanted headline; then
+    common=(--samples-per-class 100 --section quality_headline --device "$DEVICE")
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),DiT" "${common[@]}" \
+        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_a.log" 2>&1 &
+    first=$!
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "VAR,MAR" "${common[@]}" \
+        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_b.log" 2>&1 &
+    second=$!
+    trap 'kill -TERM $first $second 2>/dev/null; wait' INT TERM  # both stop at a checkpoint
+    status=0
+    wait $first || status=$?
+    wait $second || status=$?
+    trap - INT TERM
+    [ $status -eq 0 ] || { echo "headline: a process failed (exit $status); see $LOGS/headline_*.log" >&2; exit $status; }
+    "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),VAR,MAR,DiT" "${common[@]}" --summary-only
+fi
+
+for study in coordination_ablation k_ablation first_module_ablation; do
+    if wanted "$study"; then
+        "$NESTAR" study run "$study" --workers 2 2>&1 | tee -a "$LOGS/$study.log"
+        "$NESTAR" study report "$study" > "$LOGS/$study.report.md"
+        echo "$study: report in $LOGS/$study.report.md and runs/studies/$study/report/" >&2
+    fi
+done
