@@ -313,7 +313,8 @@ def guided_section(args, table, chosen: dict, seeds: list[int], store: pd.DataFr
         if scale is None:
             continue
         picks.append(guidance.describe_choice(label, scale, means, chosen_on, args.grid))
-        found.append(guidance.reported(store, cfgs, scale).assign(variant=label))
+        on_grid = {seed: cfg for seed, cfg in cfgs.items() if seed in chosen_on}  # a grid half done: not yet
+        found.append(guidance.reported(store, on_grid, scale).assign(variant=label))
     if not picks:
         return ""
     runs = pd.concat(found)
