@@ -19,7 +19,7 @@ import yaml
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import dump_config, validate_config
 from nestar_lab.sweep.bracket import load_entries, neighbours, next_value, pending, store, study_budget, trial_scores
-from nestar_lab.sweep.storage import StudyFailed
+from nestar_lab.sweep.storage import StudyFailed, fail_stale
 from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
 from nestar_lab.sweep.tuning import Objective, run_study
 
@@ -47,6 +47,7 @@ def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], fa
         if value not in trial_scores(study, key, [value], sign):
             print(f"[bracket] {label}: best {key} {min(scores, key=scores.get):g} at an edge; trying {value:g}",
                   file=sys.stderr, flush=True)  # fmt: skip
+            fail_stale(study)  # a dead process's trial at this value is queued again, not left RUNNING
             study.enqueue_trial({key: value}, skip_if_exists=True)
             objective = Objective(spec)
             study.optimize(objective, n_trials=1, catch=(Exception,))
