@@ -512,3 +512,27 @@ def test_reporting_a_study_never_run_says_so_and_creates_nothing(tmp_path, tiny_
     err = capsys.readouterr().err
     assert "nothing to report yet" in err and f"nestar study run {spec.source}" in err
     assert not spec.study_dir.exists()
+
+
+def test_a_study_file_whose_objectives_changed_is_refused_before_any_trial(tmp_path, tiny_raw, capsys):
+    """Optuna loads an existing study as it was created: with other objectives every new trial
+    would train, then fail when stored (a changed count) or be scored on another metric."""
+    spec = write_study(tmp_path, tiny_raw, trials=1)
+    assert main(["study", "run", str(spec.source)]) == 0
+    raw = yaml.safe_load(spec.source.read_text())
+    raw["objectives"] = [raw["objectives"][0], {"metric": "nn_train_dist_generated", "direction": "maximize"}]
+    spec.source.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    for command in (["run", "--trials", "2"], ["run", "--dry-run"], ["report"]):
+        assert main(["study", command[0], str(spec.source), *command[1:]]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("config error:")]
+        assert "objectives: study 'tiny_study'" in line and "give the study a new name" in line
+    assert len(optuna.load_study(study_name="tiny_study", storage=f"sqlite:///{spec.study_dir / 'study.db'}").trials) == 1
+
+
+def test_trials_optuna_fails_after_the_objective_returned_count_as_errors(tmp_path, tiny_raw, monkeypatch):
+    spec = write_study(tmp_path, tiny_raw, trials=1, max_errors_in_a_row=2)
+    monkeypatch.setattr(Objective, "_run", lambda self, trial: [1.0, 2.0])  # two values, one objective
+    with pytest.raises(StudyFailed) as info:
+        run_study(spec)
+    assert "2 trials in a row failed" in str(info.value) and "a failure Optuna reported" in str(info.value)

@@ -16,13 +16,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from nestar_lab.config.errors import BadInput, one_line
+from nestar_lab.config.errors import BadInput, ConfigError, one_line
 from nestar_lab.sweep.study import StudySpec
 
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 MAX_RETRIES = 3  # a lost trial is re-queued at most this many times (then a new trial is sampled)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward ``--trials``
-HEARTBEAT_KEY = "nestar:heartbeat"  # journal storage: the last heartbeat (seconds since the epoch)
+HEARTBEAT_KEY = "nestar:heartbeat"
+OBJECTIVES_KEY = "nestar:objectives"  # study user attribute: the objectives it was created for  # journal storage: the last heartbeat (seconds since the epoch)
 
 
 class StudyFailed(RuntimeError):
@@ -194,11 +195,29 @@ def open_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
         pruner=spec.make_pruner(),
         load_if_exists=True,
     )
+    check_objectives(study, spec, storage or default_storage(spec))
     worker = int(os.environ.get("NESTAR_STUDY_WORKER", "0") or 0)
     stream = len(study.get_trials(deepcopy=False)) + 100_003 * worker
     if stream:
         study.sampler = spec.make_sampler(stream)
     return study
+
+
+def check_objectives(study: optuna.Study, spec: StudySpec, storage: str) -> None:
+    """The study in the storage must have been created for the study file's objectives (kept as a
+    user attribute at creation): Optuna would otherwise load it as it was and fail every new trial
+    only after training it (a changed count), or mix trials scored on other metrics (a renamed one).
+    A study from before the attribute existed is checked on its directions, then given it."""
+    wanted = [f"{o.metric} ({o.direction})" for o in spec.objectives]
+    stored = study.user_attrs.get(OBJECTIVES_KEY)
+    directions = [d.name.lower() for d in study.directions]
+    if stored is None and directions == spec.directions:
+        study.set_user_attr(OBJECTIVES_KEY, wanted)
+    elif stored != wanted:
+        raise ConfigError([f"objectives: study {spec.name!r} in {storage} was created for "
+                           f"{stored or directions}; the study file now gives {wanted}, and trials scored "
+                           f"differently cannot share a study: restore the objectives, or give the study a new "
+                           f"name (name:)"])  # fmt: skip
 
 
 def existing_study(spec: StudySpec, storage: str | None) -> optuna.Study | None:
@@ -214,9 +233,11 @@ def existing_study(spec: StudySpec, storage: str | None) -> optuna.Study | None:
     elif storage.startswith("journal:") and not Path(storage[len("journal:"):]).is_file():
         return None
     try:
-        return optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec.heartbeat_seconds))
+        study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec.heartbeat_seconds))
     except KeyError:  # the database exists, this study not yet
         return None
+    check_objectives(study, spec, storage)
+    return study
 
 
 def fail_stale(study: optuna.Study) -> None:

@@ -330,11 +330,13 @@ def _optimize(study: optuna.Study, spec: StudySpec, trials: int, timeout: float 
         if not ran:
             continue
         trial = ran[0]
-        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
-            in_a_row += 1
+        expected = ("invalid", "surplus", "interrupted")  # counted, closed on purpose, or queued again
+        if trial.state == TrialState.FAIL and not any(k in trial.user_attrs for k in expected):
+            in_a_row += 1  # an error of ours, or one Optuna met after the objective returned
             if in_a_row >= spec.max_errors_in_a_row:
+                why = trial.user_attrs.get("error", "a failure Optuna reported when storing it (its warning above)")
                 raise StudyFailed(f"study {spec.name}: {in_a_row} trials in a row failed, the last (trial "
-                                  f"{trial.number}) with {trial.user_attrs['error']}; fix the cause and re-run "
+                                  f"{trial.number}) with {why}; fix the cause and re-run "
                                   f"(max_errors_in_a_row: {spec.max_errors_in_a_row} in the study file)")  # fmt: skip
         elif trial.state in FINISHED:
             in_a_row = 0
