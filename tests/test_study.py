@@ -385,6 +385,7 @@ def test_a_seeded_study_crosses_arms_with_seeds_and_reports_paired_differences(t
 
 @pytest.mark.parametrize("fields, message", [
     ({"seeds": [0]}, "1 distinct seed(s) give no interval"),
+    ({"name": "a b/c"}, "name: got 'a b/c'; expected letters, digits, '_', '.' or '-'"),
     ({"seeds": [1, 1]}, "1 distinct seed(s) give no interval"),
     ({"seeds": "0,1"}, "seeds: expected a list of integers"),
     ({"reference": {"generator.params.k": 4}}, "reference: a paired comparison needs seeds"),

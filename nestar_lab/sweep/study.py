@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import apply_overrides, read_yaml
@@ -190,6 +190,13 @@ class StudySpec(Strict):
             grid = [len(v.get("choices") or []) for k, v in space.items() if isinstance(v, dict)]
             trials = len(arms) if arms else (math.prod(grid) if all(grid) else None)
         return {**raw, "space": space, "arms": arms} | ({"trials": trials} if trials is not None else {})
+
+    @field_validator("name")
+    @classmethod
+    def _a_directory_name(cls, name: str) -> str:  # the study's directory, its trials' run names
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("expected letters, digits, '_', '.' or '-' (it names the study's directory)")
+        return name
 
     @model_validator(mode="after")
     def _known_parts(self):
