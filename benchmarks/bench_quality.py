@@ -238,7 +238,10 @@ def main() -> None:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [w for w in wanted if not selected(table, [w])]
     if unknown:
-        raise SystemExit(f"--variants: {', '.join(unknown)} match none of: {', '.join(table)}")
+        near = [k for k in table if any(k.startswith(w) for w in unknown)]  # "NestAR" -> its variants
+        hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
+        ap.error(f"--variants: {', '.join(map(repr, unknown))} match no variant exactly or by its part "
+                 f"before ' ('; {hint}variants: {', '.join(table)}")  # fmt: skip
     todo = selected(table, wanted)
     if len(seeds) < 5:
         print(f"warning: {len(seeds)} seeds; paired intervals need about 5 or more to resolve a difference", flush=True)

@@ -381,3 +381,12 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
     subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env={**env, "ONLY": "k_ablation"},
                    check=True, capture_output=True)  # fmt: skip
     assert calls.read_text().splitlines() == ["nestar study run k_ablation --workers 2", "nestar study report k_ablation"]
+
+
+def test_an_unknown_variant_is_refused_with_the_variants_it_may_mean(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--variants", "NestAR"])
+    with pytest.raises(SystemExit) as info:
+        bench_quality.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'NestAR' match no variant" in err and "did you mean 'NestAR k=4' or 'NestAR k=8'" in err
