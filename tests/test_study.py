@@ -88,6 +88,21 @@ def test_a_dry_run_prints_what_is_left_and_creates_nothing(tmp_path, tiny_raw, c
     journal = tmp_path / "j.log"  # another storage without the study yet: 3 left, no file made
     assert main(["study", "run", str(spec.source), "--trials", "3", "--dry-run", "--storage", f"journal:{journal}"]) == 0
     assert "3 trials to run" in capsys.readouterr().out and not journal.exists()
+    # with workers the trials share out, each worker timed with its own share of the threads
+    assert main(["study", "run", str(spec.source), "--trials", "3", "--dry-run", "--workers", "2"]) == 0
+    assert "s/step in each of 2 workers timed here" in capsys.readouterr().out
+
+
+def test_a_cost_estimate_shares_the_trials_out_over_the_workers(tmp_path, tiny_raw):
+    from nestar_lab.sweep.cost import describe_cost
+
+    spec = write_study(tmp_path, tiny_raw)
+    steps = tiny_raw["train"]["steps"]
+    alone = describe_cost(spec, 4, 100.0)
+    shared = describe_cost(spec, 4, 100.0, workers=2, worker_step_s=150.0)
+    assert f"about {4 * steps * 100 / 60:.0f} min of training at 100.00 s/step timed here" in alone
+    assert f"about {4 * steps * 150 / 2 / 60:.0f} min of training at 150.00 s/step in each of 2 workers" in shared
+    assert "1 workers" not in describe_cost(spec, 1, 100.0, workers=2, worker_step_s=150.0)  # one trial: one worker
 
 
 def results_of(spec):

@@ -10,21 +10,32 @@ from nestar_lab.config.validation import validate_config
 from nestar_lab.sweep.study import StudySpec, apply_dotted
 
 
-def timed_step_seconds(spec: StudySpec, device: str | None = None) -> float:
-    """Seconds of one training step of the study's base config and fixed overrides here."""
+def timed_step_seconds(spec: StudySpec, device: str | None = None, threads: int | None = None) -> float:
+    """Seconds of one training step of the study's base config and fixed overrides here, with
+    ``threads`` CPU threads (default: this process's), as a ``--workers`` worker would run it."""
+    import torch
+
     from nestar_lab.run.train import time_step
 
     raw = apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))
     if device:
         raw["device"] = device
-    return time_step(validate_config(raw))
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return time_step(validate_config(raw))
+    finally:
+        torch.set_num_threads(previous)
 
 
-def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: int = 0) -> str:
+def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: int = 0, workers: int = 1,
+                  worker_step_s: float | None = None) -> str:  # fmt: skip
     """One line: the trials left, their training steps, the bracketing searches still to run (at
     least the grid per arm; ``searches``: the arms without their ``bracket:`` value yet;
-    extensions past an edge add trials), and the hours at ``step_s``
-    (training only: evaluation comes on top)."""
+    extensions past an edge add trials), and the hours at ``step_s`` (training only: evaluation
+    comes on top). With ``workers`` > 1 the trials share out over the workers, each at
+    ``worker_step_s`` (a step timed with a worker's threads); the searches run first, alone."""
     steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
     shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
     line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
@@ -36,6 +47,10 @@ def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: 
                  f"= {search_steps}+ steps")  # fmt: skip
     if step_s is None or not (to_run or searches):
         return line
-    total = step_s * ((steps if spec.sampling_only else to_run * steps) + search_steps)
+    trial_steps = steps if spec.sampling_only else to_run * steps
+    parallel = min(workers, max(to_run, 1)) if not spec.sampling_only else 1
+    per_step = worker_step_s if parallel > 1 and worker_step_s else step_s
+    total = step_s * search_steps + per_step * trial_steps / parallel
     when = f"{total / 3600:.1f} h" if total > 5400 else f"{total / 60:.0f} min"
-    return f"{line}; about {when} of training at {step_s:.2f} s/step timed here (evaluations on top)"
+    how = f"{per_step:.2f} s/step in each of {parallel} workers" if parallel > 1 else f"{step_s:.2f} s/step"
+    return f"{line}; about {when} of training at {how} timed here (evaluations on top)"

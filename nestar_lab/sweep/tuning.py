@@ -257,15 +257,13 @@ def run_study(
         existing = existing_study(spec, storage)
         left = max(0, trials - (tally(existing)["finished"] if existing is not None else 0))
         searches = len(pending(spec, existing))
-        step_s = timed_step_seconds(spec) if left or searches else None
-        print(describe_cost(spec, left, step_s, searches), flush=True)
+        print(_cost(spec, left, searches, workers), flush=True)
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
         left, searches = max(0, trials - tally(study)["finished"]), len(pending(spec, study))
-        step_s = timed_step_seconds(spec) if left or searches else None
-        print(describe_cost(spec, left, step_s, searches), file=sys.stderr, flush=True)
+        print(_cost(spec, left, searches, workers), file=sys.stderr, flush=True)
     if prepare is not None:
         prepare(spec, study, storage)
     if pending(spec, study):
@@ -279,6 +277,21 @@ def run_study(
         return _run_workers(spec, trials, timeout, storage, workers, study)
     _optimize(study, spec, trials, timeout, progress)
     return study
+
+
+def _cost(spec: StudySpec, left: int, searches: int, workers: int) -> str:
+    """The estimate line: a step timed here, and with several workers one timed with a worker's threads."""
+    if not (left or searches):
+        return describe_cost(spec, left, None, searches)
+    step_s = timed_step_seconds(spec)
+    worker_s = timed_step_seconds(spec, threads=worker_threads(workers)) if workers > 1 and left > 1 else None
+    return describe_cost(spec, left, step_s, searches, workers, worker_s)
+
+
+def worker_threads(workers: int) -> int:
+    """CPU threads of each ``--workers`` process: ``OMP_NUM_THREADS`` when set, else the cores shared out."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // workers)
 
 
 def invalid_trials(trials: list) -> str | None:
@@ -383,8 +396,7 @@ def _run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study
     try:
         for i in range(workers):
             env = {**os.environ, "NESTAR_STUDY_WORKER": str(i + 1)}
-            if "OMP_NUM_THREADS" not in os.environ:  # the CPU cores shared out, not each worker taking all
-                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+            env["OMP_NUM_THREADS"] = str(worker_threads(workers))  # the cores shared out, not each taking all
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             procs.append(subprocess.Popen(cmd, env=env))
