@@ -50,3 +50,12 @@ def tiny_raw(tmp_path):
 @pytest.fixture
 def tiny_cfg(tiny_raw):
     return validate_config(tiny_raw)
+
+
+@pytest.fixture
+def one_thread():
+    """Trials of tiny studies, often run beside other processes: one thread each is fastest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,15 +25,7 @@ from nestar_lab.sweep.tuning import Objective, run_study
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Trials here are tiny and often run beside other processes: one thread each is fastest."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_study(tmp_path, tiny_raw, **fields):

@@ -20,14 +20,7 @@ BRACKET = {"key": "train.lr", "grid": [1.0e-3, 4.0e-3], "factor": 4, "cap": 1, "
            "seed": 100}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_study(tmp_path, tiny_raw, **fields):
