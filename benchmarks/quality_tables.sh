@@ -37,7 +37,10 @@ if wanted headline; then
     wait $first || status=$?
     wait $second || status=$?
     trap - INT TERM
-    [ $status -eq 0 ] || { echo "headline: a process failed (exit $status); see $LOGS/headline_*.log" >&2; exit $status; }
+    if [ $status -ne 0 ]; then
+        echo "headline: a process failed (exit $status); see $LOGS/headline_*.log" >&2
+        exit $status
+    fi
     # timed with one thread, as the runs ran (the table's "to resolve" hours)
     OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),VAR,MAR,DiT" \
         "${common[@]}" --summary-only

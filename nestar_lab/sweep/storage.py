@@ -22,8 +22,8 @@ from nestar_lab.sweep.study import StudySpec
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
 MAX_RETRIES = 3  # a lost trial is re-queued at most this many times (then a new trial is sampled)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward ``--trials``
-HEARTBEAT_KEY = "nestar:heartbeat"
-OBJECTIVES_KEY = "nestar:objectives"  # study user attribute: the objectives it was created for  # journal storage: the last heartbeat (seconds since the epoch)
+HEARTBEAT_KEY = "nestar:heartbeat"  # journal storage: the last heartbeat (seconds since the epoch)
+OBJECTIVES_KEY = "nestar:objectives"  # study user attribute: the objectives it was created for
 
 
 class StudyFailed(RuntimeError):

@@ -71,7 +71,8 @@ class ParamSpace(Strict):
         if low > high:
             raise ValueError(f"{kind}: [{low}, {high}] has low above high; give [low, high]")
         if self.log and (low <= 0 if kind == "float" else low < 1):
-            raise ValueError(f"log: a log range needs low {'> 0' if kind == 'float' else '>= 1'}; got {kind}: [{low}, {high}]")
+            least = "> 0" if kind == "float" else ">= 1"
+            raise ValueError(f"log: a log range needs low {least}; got {kind}: [{low}, {high}]")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"step: expected a value > 0, got {self.step}")
         if self.log and self.step not in (None, 1):
