@@ -178,9 +178,9 @@ def estimate(todo: dict[str, list[str]], seeds: list[int], args, b: dict) -> str
     """What this invocation will run (finished searches and recorded runs left out) and how long."""
     searched, store = lr_search.load_chosen(Path(args.out_dir) / "lr.json"), results.load(args.out_dir)
     searches = [k for k in todo if not lr_search.current(searched.get(k, {}), todo[k], b)]
-    left = {k: len(seeds) if k in searches else sum(
-        needs_training(store, cfg, run_dir_of(k, cfg, args), args.grid)
-        for cfg in configs(todo, k, searched[k]["lr"], seeds, args).values()) for k in todo}  # fmt: skip
+    known = {k: v for k, v in todo.items() if k not in searches}  # not searched yet: every seed is left
+    runs = left_to_train(known, {k: searched[k]["lr"] for k in known}, seeds, args, store)
+    left = {k: len(seeds) if k in searches else sum(label == k for _, label in runs) for k in todo}
     missing = sum(left.values())
     busy = [k for k in todo if left[k] or k in searches]
     hours = run_hours(todo, busy, args)

@@ -126,7 +126,7 @@ def run_main(main) -> None:
 
     try:
         main()
-    except (BadInput, KeyboardInterrupt, Exception) as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if not isinstance(exc, (BadInput, KeyboardInterrupt)) and not hasattr(exc, "exit_code"):
             raise
         code, lines = describe(exc)

@@ -16,7 +16,7 @@ import yaml
 
 from nestar_lab.cli import main
 from nestar_lab.config.errors import ConfigError
-from nestar_lab.sweep import tuning
+from nestar_lab.sweep import tuning, workers
 from nestar_lab.sweep.storage import StudyFailed, open_study, tally
 from nestar_lab.sweep.study import load_study
 from nestar_lab.sweep.study_report import trials_table
@@ -263,14 +263,14 @@ def test_workers_get_a_gpu_each_and_a_dead_worker_fails_the_run(tmp_path, tiny_r
 
     spec = write_study(tmp_path, tiny_raw)
     study = open_study(spec)
-    monkeypatch.setattr(tuning.subprocess, "Popen", FakeWorker)
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeWorker)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(tuning.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
     FakeWorker.made = []
     with pytest.raises(StudyFailed) as info:
-        tuning._run_workers(spec, 2, None, "sqlite:///x.db", 4, study)
+        workers.run_workers(spec, 2, None, "sqlite:///x.db", 4, study)
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["0", "1", "2", "0"]
     assert [w.env["NESTAR_STUDY_WORKER"] for w in FakeWorker.made] == ["1", "2", "3", "4"]
     assert [w.env["OMP_NUM_THREADS"] for w in FakeWorker.made] == ["2"] * 4  # 8 cores shared by 4
@@ -282,12 +282,12 @@ def test_workers_get_a_gpu_each_and_a_dead_worker_fails_the_run(tmp_path, tiny_r
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # ids as the parent sees them
     monkeypatch.setattr(FakeWorker, "wait", lambda self: 0)
     FakeWorker.made = []
-    tuning._run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
+    workers.run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["4", "6"]
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: shared, env untouched
     FakeWorker.made = []
-    tuning._run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
+    workers.run_workers(spec, 2, None, "sqlite:///x.db", 2, study)
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in FakeWorker.made] == ["4,6,7", "4,6,7"]
 
 

@@ -34,9 +34,7 @@ import math
 import os
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +62,7 @@ from nestar_lab.sweep.storage import (
     tally,
 )
 from nestar_lab.sweep.study import StudySpec, apply_dotted, trial_overrides
+from nestar_lab.sweep.workers import run_workers, worker_threads
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -266,15 +265,16 @@ def run_study(
         print(_cost(spec, left, searches, workers), file=sys.stderr, flush=True)
     if prepare is not None:
         prepare(spec, study, storage)
-    if pending(spec, study):
+    unsearched = pending(spec, study)
+    if unsearched:
         raise ConfigError([f"study {spec.name}: {spec.bracket.key} is bracketed per arm (bracket:) and arms "
-                           f"{pending(spec, study)} have no search yet; run it with `nestar study run`, or pass "
+                           f"{unsearched} have no search yet; run it with `nestar study run`, or pass "
                            f"prepare=nestar_lab.sweep.bracket_search.search_brackets"])  # fmt: skip
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
             study.enqueue_trial(arm, skip_if_exists=True)
     if workers > 1:
-        return _run_workers(spec, trials, timeout, storage, workers, study)
+        return run_workers(spec, trials, timeout, storage, workers, study)
     _optimize(study, spec, trials, timeout, progress)
     return study
 
@@ -286,12 +286,6 @@ def _cost(spec: StudySpec, left: int, searches: int, workers: int) -> str:
     step_s = timed_step_seconds(spec)
     worker_s = timed_step_seconds(spec, threads=worker_threads(workers)) if workers > 1 and left > 1 else None
     return describe_cost(spec, left, step_s, searches, workers, worker_s)
-
-
-def worker_threads(workers: int) -> int:
-    """CPU threads of each ``--workers`` process: ``OMP_NUM_THREADS`` when set, else the cores shared out."""
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // workers)
 
 
 def invalid_trials(trials: list) -> str | None:
@@ -353,72 +347,3 @@ def _optimize(study: optuna.Study, spec: StudySpec, trials: int, timeout: float 
                                   f"(max_errors_in_a_row: {spec.max_errors_in_a_row} in the study file)")  # fmt: skip
         elif trial.state in FINISHED:
             in_a_row = 0
-
-
-def visible_gpus() -> list[str]:
-    """The GPU ids a worker can be pinned to with ``CUDA_VISIBLE_DEVICES`` (empty for fewer than
-    two GPUs): the entries of an existing ``CUDA_VISIBLE_DEVICES``, else 0..count-1."""
-    import torch
-
-    count = torch.cuda.device_count()
-    if count < 2:
-        return []
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
-
-
-def _how_it_ended(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
-    cmd = [sys.executable, "-m", "nestar_lab.cli", "study", "run", str(spec.source), "--trials", str(trials),
-           "--storage", storage]  # fmt: skip
-    if timeout:
-        cmd += ["--timeout", str(timeout)]
-    gpus = visible_gpus()
-    procs: list[subprocess.Popen] = []
-    stopped: list[int] = []
-
-    def stop(signum, frame=None):  # SIGTERM or Ctrl-C here: the workers stop (trials re-queued)
-        stopped.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
-    try:
-        for i in range(workers):
-            env = {**os.environ, "NESTAR_STUDY_WORKER": str(i + 1)}
-            env["OMP_NUM_THREADS"] = str(worker_threads(workers))  # the cores shared out, not each taking all
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            procs.append(subprocess.Popen(cmd, env=env))
-        codes = []
-        for p in procs:
-            while True:
-                try:
-                    codes.append(p.wait())
-                    break
-                except KeyboardInterrupt:
-                    stop(signal.SIGINT)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if stopped:
-        raise StudyFailed(f"study {spec.name} interrupted ({signal.Signals(stopped[0]).name}); the workers' trials "
-                          "are queued again: re-run the same command to go on", exit_code=128 + stopped[0])  # fmt: skip
-    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {_how_it_ended(c)}" for i, (p, c) in enumerate(zip(procs, codes)) if c]
-    if died:
-        count = tally(study)
-        state = (f"the study holds {count['finished']}/{trials} finished trials"
-                 + (" and is complete" if count["finished"] >= trials and not count["running"]
-                    else "; re-run the same command to finish it"))  # fmt: skip
-        raise StudyFailed("; ".join(died) + f"; {state}")
-    return study
