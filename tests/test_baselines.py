@@ -43,7 +43,7 @@ def record_times(gen, monkeypatch):
         name = "velocity" if hasattr(net, "velocity") else "forward"
 
         def spy(*args, _orig=target, **kwargs):
-            y, t = args[0], args[1]
+            t = args[1]
             groups = args[3] if len(args) > 3 else kwargs.get("groups_L")
             seen.append((t.detach().clone(), groups))
             return _orig(*args, **kwargs)

@@ -16,7 +16,7 @@ import yaml
 
 from nestar_lab.cli import main
 from nestar_lab.config.errors import ConfigError
-from nestar_lab.sweep import tuning, workers
+from nestar_lab.sweep import workers
 from nestar_lab.sweep.storage import StudyFailed, open_study, tally
 from nestar_lab.sweep.study import load_study
 from nestar_lab.sweep.study_report import trials_table

@@ -1,5 +1,6 @@
-"""A study's ``bracket:``: every arm trains at its own bracketed value of one key, searched first,
-kept in the study's storage, stated in the report; a study that cannot bracket is refused before work."""
+"""A study's ``bracket:``: every arm trains at its own bracketed values (one key, or several in
+turn), searched first, kept in the study's storage, stated in the report; a study that cannot
+bracket is refused before work."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 BRACKET = {"key": "train.lr", "grid": [1.0e-3, 4.0e-3], "factor": 4, "cap": 1, "steps": 3, "samples_per_class": 2,
            "seed": 100}  # fmt: skip
 
+
+WEIGHT = {**BRACKET, "key": "coordination.params.weight", "grid": [0.05, 0.2]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +59,7 @@ def test_each_arm_trains_at_its_own_bracketed_value(tmp_path, tiny_raw, capsys):
     entries = load_entries(study)
     assert len(entries) == 2 and not pending(spec, study)
     for k in (4, 8):
-        entry = entries[arm_key({"generator.params.k": k})]
+        entry = entries["train.lr " + arm_key({"generator.params.k": k})]
         tried = [v for v, _ in entry["scores"]]
         assert entry["value"] in tried and set(BRACKET["grid"]) <= set(tried)
         assert len(tried) <= len(BRACKET["grid"]) + 2 * BRACKET["cap"]
@@ -75,7 +78,7 @@ def test_each_arm_trains_at_its_own_bracketed_value(tmp_path, tiny_raw, capsys):
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4
     for t in done:
-        chosen = entries[arm_key({"generator.params.k": t.params["generator.params.k"]})]["value"]
+        chosen = entries["train.lr " + arm_key({"generator.params.k": t.params["generator.params.k"]})]["value"]
         trained = yaml.safe_load((spec.study_dir / "trials" / t.user_attrs["run_id"] / "config.yaml").read_text())
         assert trained["train"]["lr"] == chosen == t.user_attrs["bracketed:train.lr"]
     capsys.readouterr()
@@ -93,8 +96,8 @@ def test_a_changed_budget_is_searched_again_and_running_without_the_search_is_re
     spec = write_study(tmp_path, tiny_raw)
     entry = {"arm": {"generator.params.k": 4}, "key": "train.lr", "value": 4e-3, "budget": {"old": True}}
     study = open_study(spec)
-    study.set_user_attr(PREFIX + arm_key({"generator.params.k": 4}), entry)
-    assert pending(spec, study) == [{"generator.params.k": 4}, {"generator.params.k": 8}]
+    study.set_user_attr(PREFIX + "train.lr " + arm_key({"generator.params.k": 4}), entry)
+    assert [arm for arm, _ in pending(spec, study)] == [{"generator.params.k": 4}, {"generator.params.k": 8}]
     with pytest.raises(ConfigError) as info:
         run_study(spec)  # the Python API without the searches: one line saying what to run
     assert "prepare=nestar_lab.sweep.bracket_search.search_brackets" in info.value.lines[0]
@@ -127,9 +130,57 @@ def test_a_search_whose_training_fails_stops_with_one_line_and_stores_nothing(tm
     ({"bracket": {**BRACKET, "factor": 1}}, "bracket.factor: "),
     ({"bracket": {**BRACKET, "key": "train.no_such_knob"}}, "bracket.train.no_such_knob: not a field of the base config"),
     ({"bracket": {**BRACKET, "key": "train.warmup_steps", "grid": [0.5, 2.0]}}, "bracket.key train.warmup_steps=0.125"),
+    ({"bracket": [BRACKET, {**BRACKET, "grid": [2e-3, 8e-3]}]}, "bracket.1.key: train.lr is bracketed twice"),
+    ({"bracket": [WEIGHT | {"if": {"coordination.name": ["velocity_matching"]}}, BRACKET]},
+     "bracket.0.if: ['coordination.name'] are not in the search space"),
+    ({"bracket": [WEIGHT | {"if": {"generator.params.k": [2]}}, BRACKET]},
+     "bracket.0.if: {'generator.params.k': [2]} holds for none of the arms"),
 ])  # fmt: skip
 def test_a_study_that_cannot_bracket_is_refused_before_work(fields, message, tmp_path, tiny_raw):
     with pytest.raises(ConfigError) as info:
         write_study(tmp_path, tiny_raw, **fields)
     assert any(message in line for line in info.value.lines), info.value.lines
     assert not (tmp_path / "studies").exists()
+
+
+def test_several_keys_are_bracketed_in_turn_each_where_it_applies(tmp_path, tiny_raw, capsys):
+    """A coordination weight only where an objective is on, then each arm's learning rate at it."""
+    on = {"coordination.name": "velocity_matching"}
+    off = {"coordination.name": "none"}
+    spec = write_study(tmp_path, tiny_raw, space={"coordination.name": {"choices": ["none", "velocity_matching"]}},
+                       arms=[off, on], bracket=[WEIGHT | {"if": {"coordination.name": ["velocity_matching"]}}, BRACKET])
+    assert main(["study", "run", str(spec.source), "--dry-run"]) == 0
+    assert ("first coordination.params.weight bracketed per arm: 1 searches x 2+ trials x 3 steps = 6+ steps; "
+            "then train.lr bracketed per arm: 2 searches x 2+ trials x 3 steps" in capsys.readouterr().out)
+
+    assert main(["study", "run", str(spec.source)]) == 0
+    study = existing_study(spec, None)
+    entries = load_entries(study)
+    assert sorted(entries) == sorted(["coordination.params.weight " + arm_key(on), "train.lr " + arm_key(on),
+                                      "train.lr " + arm_key(off)])  # no weight searched for `none`
+    weight = entries["coordination.params.weight " + arm_key(on)]["value"]
+    assert entries["train.lr " + arm_key(on)]["budget"]["before"] == {"coordination.params.weight": weight}
+    assert "before" not in entries["train.lr " + arm_key(off)]["budget"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    for t in done:
+        arm = {"coordination.name": t.params["coordination.name"]}
+        trained = yaml.safe_load((spec.study_dir / "trials" / t.user_attrs["run_id"] / "config.yaml").read_text())
+        lr = entries["train.lr " + arm_key(arm)]["value"]
+        assert trained["train"]["lr"] == lr == t.user_attrs["bracketed:train.lr"]
+        if arm == on:
+            trained_weight = trained["coordination"]["params"]["weight"]
+            assert trained_weight == weight == t.user_attrs["bracketed:coordination.params.weight"]
+        else:
+            assert "bracketed:coordination.params.weight" not in t.user_attrs
+    capsys.readouterr()
+    assert main(["study", "report", str(spec.source)]) == 0
+    out = capsys.readouterr().out
+    assert "Each arm's coordination.params.weight, bracketed by its own search" in out
+    assert "Each arm's train.lr, bracketed by its own search" in out
+    assert "with the coordination.params.weight chosen above" in out
+
+    # an earlier choice that changes makes the later one stale: that arm's lr is searched again
+    changed = {**entries["coordination.params.weight " + arm_key(on)], "value": weight * 4}
+    study.set_user_attr(PREFIX + "coordination.params.weight " + arm_key(on), changed)
+    assert [(arm, b.key) for arm, b in pending(spec, study)] == [(on, "train.lr")]

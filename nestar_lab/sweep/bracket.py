@@ -1,4 +1,4 @@
-"""Bracketing one key per arm: the rule, and where its choices are kept (``bracket:`` in a study).
+"""Bracketing keys per arm: the rule, and where its choices are kept (``bracket:`` in a study).
 
 A study file may give::
 
@@ -12,10 +12,22 @@ grid's values, each trained ``steps`` steps at ``seed`` (none of the study's see
 the study's first objective on ``samples_per_class`` samples per class. Where the best sits at an
 edge the search goes on past it, ``factor`` beyond the best per extension, until the best has a
 worse neighbour on both sides (a diverged training counts as worse) or ``cap`` extensions on that
-side found none. Each arm's choice is kept in the study's own storage (a user attribute
-``bracket {arm}``, with the budget it was found with), so every process and machine sharing the
-study trains an arm at the same value; a changed budget, base or arm searches again. The quality
-benchmark's learning-rate search (``benchmarks/lr_search.py``) applies the same rule.
+side found none.
+
+``bracket:`` may also be a list, searched in its order, each entry with the values the entries
+before it chose (one pass of coordinate search); an entry with ``if: {key: [values]}`` applies only
+to the arms whose values match (a coordination weight only where an objective is on)::
+
+    bracket:
+      - {key: coordination.params.weight, grid: [0.01, 0.1, 1.0], factor: 10, cap: 2,
+         if: {coordination.name: [velocity_matching, data_matching]}}
+      - {key: train.lr, grid: [1.2e-3, 5.0e-3, 2.0e-2]}
+
+Each choice is kept in the study's own storage (a user attribute ``bracket KEY ARM``, with the
+budget it was found with: the entry, the study's overrides, the base config and the values chosen
+before it), so every process and machine sharing the study trains an arm at the same values; a
+changed budget, base, arm or earlier choice searches again. The quality benchmark's learning-rate
+search (``benchmarks/lr_search.py``) applies the same rule.
 """
 
 from __future__ import annotations
@@ -30,13 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import read_yaml
 
-PREFIX = "bracket "  # study user attribute of an arm's choice: PREFIX + arm_key(arm)
+PREFIX = "bracket "  # study user attribute of an arm's choice: PREFIX + key + " " + arm_key(arm)
 
 
 class Bracket(BaseModel):
-    """``bracket:``: the key every arm gets its own bracketed value of, and the search's budget."""
+    """One entry of ``bracket:``: the key each arm gets its own bracketed value of, the search's
+    budget, and (``if:``) the arms it applies to."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     key: str = Field(description="dotted config key chosen per arm (train.lr, coordination.params.weight)")
     grid: list[float] = Field(min_length=2, description="the first values tried, ascending, all > 0")
@@ -45,6 +58,9 @@ class Bracket(BaseModel):
     steps: int = Field(150, ge=1, strict=True, description="training steps of each search trial")
     samples_per_class: int = Field(20, ge=1, strict=True, description="samples per class scoring a trial")
     seed: int = Field(100, strict=True, description="training seed of every search trial (none of the study's seeds)")
+    condition: dict[str, list[Any]] = Field(
+        default_factory=dict, alias="if", description="only the arms with these values (default: every arm)"
+    )
 
     @field_validator("grid")
     @classmethod
@@ -59,18 +75,30 @@ class Bracket(BaseModel):
         reach = self.factor**self.cap
         return self.grid[0] / reach, self.grid[-1] * reach
 
+    def applies(self, arm: dict[str, Any]) -> bool:
+        """Whether the arm (its values) is one this entry brackets."""
+        return all(arm.get(k) in values for k, values in self.condition.items())
+
+
+def as_list(raw: Any) -> Any:
+    """``bracket:`` as a list: one mapping is a list of one, absent is empty."""
+    return [] if raw is None else [raw] if isinstance(raw, dict) else raw
+
 
 def arm_key(arm: dict[str, Any]) -> str:
     """An arm's identity among the choices: its values but the seed, as sorted JSON."""
     return json.dumps({k: v for k, v in arm.items() if k not in ("seed", "eval.seed")}, sort_keys=True)
 
 
-def budget_of(bracket: Bracket, overrides: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """What a stored choice depends on: the search's budget, the study's fixed overrides and the
-    base config (hashed); a stored choice with another budget is searched again."""
+def budget_of(bracket: Bracket, overrides: dict[str, Any], base: dict[str, Any],
+              before: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What a stored choice depends on: the search's budget, the study's fixed overrides, the base
+    config (hashed) and the values the entries before it chose; a stored choice that depends on
+    anything else is searched again."""
     digest = hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {**bracket.model_dump(mode="json"), "overrides": json.loads(json.dumps(overrides, default=str)),
-            "base": digest}  # fmt: skip
+    fixed = json.loads(json.dumps(overrides, default=str))
+    budget = {**bracket.model_dump(mode="json", by_alias=True), "overrides": fixed, "base": digest}
+    return budget | ({"before": dict(before)} if before else {})
 
 
 def distinct_arms(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,49 +109,59 @@ def distinct_arms(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def study_budget(spec) -> dict[str, Any]:
-    """:func:`budget_of` for a study (a ``StudySpec`` with a ``bracket``)."""
-    return budget_of(spec.bracket, dict(spec.overrides), read_yaml(spec.base_path()))
+def attribute(bracket: Bracket, arm: dict[str, Any]) -> str:
+    """The study user attribute holding the arm's choice of ``bracket.key``."""
+    return f"{PREFIX}{bracket.key} {arm_key(arm)}"
 
 
-def pending(spec, study) -> list[dict[str, Any]]:
-    """The study's arms (seed left out) whose bracketed value ``study`` (``None``: not created yet)
-    does not hold for the study's budget."""
-    if spec.bracket is None:
-        return []
-    entries, budget = load_entries(study), study_budget(spec)
-    return [arm for arm in distinct_arms(spec.arms) if chosen_value(entries, arm, budget) is None]
+def walk(spec, study, arm: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Bracket, dict[str, Any]]]]:
+    """The arm's stored choices for this budget, in ``spec.bracket``'s order, and the searches it
+    still needs (each entry that applies from the first unchosen one on, with the values chosen
+    before it; a later entry's budget depends on the earlier choices, so it waits for them)."""
+    entries = study.user_attrs if study is not None else {}
+    base = read_yaml(spec.base_path())
+    chosen: dict[str, Any] = {}
+    for i, b in enumerate(spec.bracket):
+        if not b.applies(arm):
+            continue
+        entry = entries.get(attribute(b, arm))
+        if not entry or entry.get("budget") != budget_of(b, dict(spec.overrides), base, chosen):
+            later = [(c, dict(chosen)) for c in spec.bracket[i:] if c.applies(arm)]
+            return chosen, later
+        chosen[b.key] = float(entry["value"])
+    return chosen, []
+
+
+def pending(spec, study) -> list[tuple[dict[str, Any], Bracket]]:
+    """Every search the study's arms (seed left out) still need before their trials: ``(arm,
+    entry)`` pairs, none when ``study`` (``None``: not created yet) holds every choice."""
+    return [(arm, b) for arm in distinct_arms(spec.arms) for b, _ in walk(spec, study, arm)[1]]
 
 
 def value_for(spec, study, chosen: dict[str, Any]) -> dict[str, Any]:
-    """``{key: value}`` for a trial of the arm ``chosen`` (its searched values), ``{}`` for a study
-    without ``bracket``; :class:`ConfigError` when the arm's search has not run for this budget."""
-    if spec.bracket is None:
+    """``{key: value}`` of every entry applying to the arm ``chosen`` (its searched values), ``{}``
+    for a study without ``bracket``; :class:`ConfigError` when a search has not run for this budget."""
+    if not spec.bracket:
         return {}
-    value = chosen_value(load_entries(study), chosen, study_budget(spec))
-    if value is None:
-        raise ConfigError([f"bracket: no {spec.bracket.key} chosen yet for arm {arm_key(chosen)} with this budget; "
+    arm = {k: v for k, v in chosen.items() if k not in ("seed", "eval.seed")}
+    values, missing = walk(spec, study, arm)
+    if missing:
+        raise ConfigError([f"bracket: no {missing[0][0].key} chosen yet for arm {arm_key(arm)} with this budget; "
                            f"`nestar study run` searches it before the study's trials "
                            f"(nestar_lab.sweep.bracket_search.search_brackets)"])  # fmt: skip
-    return {spec.bracket.key: value}
+    return values
 
 
 def load_entries(study) -> dict[str, Any]:
-    """The choices ``study`` holds: arm key -> {arm, key, value, scores, neighbours, budget, search}."""
+    """The choices ``study`` holds: ``KEY ARM`` -> {arm, key, value, scores, neighbours, budget, search}."""
     if study is None:
         return {}
     return {k[len(PREFIX):]: v for k, v in study.user_attrs.items() if k.startswith(PREFIX)}
 
 
-def store(study, arm: dict[str, Any], entry: dict[str, Any]) -> None:
+def store(study, bracket: Bracket, arm: dict[str, Any], entry: dict[str, Any]) -> None:
     """Keep the arm's choice in the study's storage (seen by every process sharing it)."""
-    study.set_user_attr(PREFIX + arm_key(arm), entry)
-
-
-def chosen_value(entries: dict[str, Any], arm: dict[str, Any], budget: dict[str, Any]) -> float | None:
-    """The arm's bracketed value when searched with ``budget``, else ``None``."""
-    entry = entries.get(arm_key(arm))
-    return float(entry["value"]) if entry and entry.get("budget") == budget else None
+    study.set_user_attr(attribute(bracket, arm), entry)
 
 
 def neighbours(scores: dict[float, float], best: float) -> dict[str, float | None]:

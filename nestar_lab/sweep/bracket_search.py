@@ -1,5 +1,5 @@
-"""Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm,
-run by ``nestar study run`` before the study's own trials, each an ordinary study in the study's
+"""Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm
+and ``bracket:`` entry, run by ``nestar study run`` before the study's own trials, each an ordinary study in the study's
 storage with its runs under ``<study_dir>/brackets/`` (resumable; ``nestar study report <its
 study.yaml> --storage URL`` reads it)."""
 
@@ -18,7 +18,17 @@ import yaml
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import dump_config, validate_config
-from nestar_lab.sweep.bracket import load_entries, neighbours, next_value, pending, store, study_budget, trial_scores
+from nestar_lab.sweep.bracket import (
+    Bracket,
+    budget_of,
+    distinct_arms,
+    load_entries,
+    neighbours,
+    next_value,
+    store,
+    trial_scores,
+    walk,
+)
 from nestar_lab.sweep.storage import StudyFailed, fail_stale
 from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
 from nestar_lab.sweep.tuning import Objective, run_study
@@ -72,17 +82,17 @@ def search_metrics(cfg, objective: str) -> list[dict[str, Any]]:
     return keep
 
 
-def arm_study(spec: StudySpec, arm: dict[str, Any], storage: str) -> StudySpec:
-    """The arm's search: base = the study's base with its overrides and the arm's values (written to
-    the search's directory), trials = the grid, scored by the study's first objective. It lives in
-    the study's own ``storage`` (named after the study), so processes sharing the study share it."""
-    b = spec.bracket
+def arm_study(spec: StudySpec, arm: dict[str, Any], b: Bracket, before: dict[str, Any], storage: str) -> StudySpec:
+    """The arm's search of ``b.key``: base = the study's base with its overrides, the arm's values and
+    those the entries before ``b`` chose (``before``), written to the search's directory; trials =
+    the grid, scored by the study's first objective. It lives in the study's own ``storage`` (named
+    after the study), so processes sharing the study share it."""
     root = spec.study_dir / "brackets"
-    shown = json.dumps(arm, sort_keys=True, default=str)
+    shown = json.dumps({**arm, **before}, sort_keys=True, default=str)
     name = f"{spec.name}.bracket.{b.key}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
     study_dir = root / name
     study_dir.mkdir(parents=True, exist_ok=True)
-    cfg = validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), {**spec.overrides, **arm}))
+    cfg = validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), {**spec.overrides, **arm, **before}))
     dump_config(cfg, study_dir / "base.yaml")
     objective = spec.objectives[0]
     sub = StudySpec(
@@ -108,21 +118,28 @@ def arm_study(spec: StudySpec, arm: dict[str, Any], storage: str) -> StudySpec:
 
 
 def search_brackets(spec: StudySpec, study: optuna.Study, storage: str) -> dict[str, Any]:
-    """Every arm's bracketed value, searched where ``study`` lacks it for this budget (one arm after
-    another, each kept in the study's storage as it finishes). Returns the study's choices."""
-    budget = study_budget(spec) if spec.bracket else None
-    for arm in pending(spec, study):
-        b, label = spec.bracket, ", ".join(f"{k}={v}" for k, v in arm.items()) or "(base)"
-        sub = arm_study(spec, arm, storage)
-        print(f"[bracket] {spec.name}: {b.key} for {label} ({len(b.grid)}+ trials x {b.steps} steps)",
-              file=sys.stderr, flush=True)  # fmt: skip
-        search = run_study(sub, trials=sub.trials, storage=storage)
-        sign = 1.0 if spec.objectives[0].direction == "minimize" else -1.0
-        best, scores = extend(search, sub, b.key, list(b.grid), b.factor, b.cap, label, sign)
-        objective = {v: (sign * x if math.isfinite(x) else None) for v, x in scores.items()}  # None: diverged
-        entry = {"arm": arm, "key": b.key, "value": best, "neighbours": neighbours(scores, best),
-                 "scores": sorted(objective.items()), "objective": spec.objectives[0].metric,
-                 "budget": budget, "search": sub.name}  # fmt: skip
-        print(f"[bracket] {label}: {b.key} {best:g}", file=sys.stderr, flush=True)
-        store(study, arm, entry)
+    """Every arm's bracketed values, searched where ``study`` lacks them for this budget (arm by arm,
+    each arm's entries in ``bracket:``'s order, each choice kept in the study's storage as its search
+    finishes). Returns the study's choices."""
+    sign = 1.0 if spec.objectives[0].direction == "minimize" else -1.0
+    base = read_yaml(spec.base_path())
+    for arm in distinct_arms(spec.arms):
+        label = ", ".join(f"{k}={v}" for k, v in arm.items()) or "(base)"
+        while True:
+            _, missing = walk(spec, study, arm)
+            if not missing:
+                break
+            b, before = missing[0]
+            sub = arm_study(spec, arm, b, before, storage)
+            given = "".join(f", {k}={v:g}" for k, v in before.items())
+            print(f"[bracket] {spec.name}: {b.key} for {label}{given} ({len(b.grid)}+ trials x {b.steps} steps)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            search = run_study(sub, trials=sub.trials, storage=storage)
+            best, scores = extend(search, sub, b.key, list(b.grid), b.factor, b.cap, label, sign)
+            objective = {v: (sign * x if math.isfinite(x) else None) for v, x in scores.items()}  # None: diverged
+            entry = {"arm": arm, "key": b.key, "value": best, "neighbours": neighbours(scores, best),
+                     "scores": sorted(objective.items()), "objective": spec.objectives[0].metric,
+                     "budget": budget_of(b, dict(spec.overrides), base, before), "search": sub.name}  # fmt: skip
+            print(f"[bracket] {label}: {b.key} {best:g}", file=sys.stderr, flush=True)
+            store(study, b, arm, entry)
     return load_entries(study)

@@ -89,10 +89,11 @@ def space_problems(spec) -> list[str]:
         for value in candidate_values(space):
             point = {**spec.overrides, **condition, key: value}
             lines += [explain("space", f"space.{key}={value!r}", [key], line) for line in problems(point)]
-    if spec.bracket is not None:  # every value its search can try, alone on the base
-        for value in sorted({*spec.bracket.grid, *spec.bracket.bounds}):
-            point = {**spec.overrides, spec.bracket.key: value}
-            lines += [explain("bracket", f"bracket.key {spec.bracket.key}={value:g}", [spec.bracket.key], line)
+    for b in spec.bracket:  # every value its search can try, on the base with the arms' values it applies to
+        condition = {other: values[0] for other, values in b.condition.items() if values}
+        for value in sorted({*b.grid, *b.bounds}):
+            point = {**spec.overrides, **condition, b.key: value}
+            lines += [explain("bracket", f"bracket.key {b.key}={value:g}", [b.key], line)
                       for line in problems(point)]  # fmt: skip
     arms = {repr({k: v for k, v in arm.items() if not spec.seeds or k != "seed"}): arm for arm in spec.arms}
     for shown, arm in arms.items():  # an arm crossed with the seeds is checked once

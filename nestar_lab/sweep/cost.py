@@ -4,9 +4,11 @@ steps, and an estimate from training steps timed here on the base config."""
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
+from nestar_lab.sweep.bracket import Bracket
 from nestar_lab.sweep.study import StudySpec, apply_dotted
 
 
@@ -29,22 +31,27 @@ def timed_step_seconds(spec: StudySpec, device: str | None = None, threads: int 
         torch.set_num_threads(previous)
 
 
-def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: int = 0, workers: int = 1,
-                  worker_step_s: float | None = None) -> str:  # fmt: skip
-    """One line: the trials left, their training steps, the bracketing searches still to run (at
-    least the grid per arm; ``searches``: the arms without their ``bracket:`` value yet;
-    extensions past an edge add trials), and the hours at ``step_s`` (training only: evaluation
-    comes on top). With ``workers`` > 1 the trials share out over the workers, each at
-    ``worker_step_s`` (a step timed with a worker's threads); the searches run first, alone."""
+def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: Sequence[Bracket] = (),
+                  workers: int = 1, worker_step_s: float | None = None) -> str:  # fmt: skip
+    """One line: the trials left, their training steps, the bracketing searches still to run (one
+    ``bracket:`` entry per search not yet run: at least its grid; extensions past an edge add
+    trials), and the hours at ``step_s`` (training only: evaluation comes on top). With ``workers``
+    > 1 the trials share out over the workers, each at ``worker_step_s`` (a step timed with a
+    worker's threads); the searches run first, alone."""
     steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
     shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
     line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
     search_steps = 0
-    if searches:
-        b = spec.bracket
-        search_steps = searches * len(b.grid) * b.steps
-        line += (f"; first {b.key} bracketed per arm: {searches} searches x {len(b.grid)}+ trials x {b.steps} steps "
-                 f"= {search_steps}+ steps")  # fmt: skip
+    parts = []
+    for b in spec.bracket:  # in the order the searches of an arm run
+        n = sum(s is b for s in searches)
+        if not n:
+            continue
+        search_steps += n * len(b.grid) * b.steps
+        parts.append(f"{b.key} bracketed per arm: {n} searches x {len(b.grid)}+ trials x {b.steps} steps "
+                     f"= {n * len(b.grid) * b.steps}+ steps")  # fmt: skip
+    if parts:
+        line += "; first " + "; then ".join(parts)
     if step_s is None or not (to_run or searches):
         return line
     trial_steps = steps if spec.sampling_only else to_run * steps

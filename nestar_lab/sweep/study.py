@@ -19,7 +19,8 @@ A study file (YAML, in ``studies/``)::
     max_errors_in_a_row: 3                 # one process gives up after this many failures in a row
     seeds: [0, 1, 2, 3, 4]                 # every arm or grid point once per seed (eval.seed = 1234 + seed)
     reference: {coordination.name: none}   # the arm the report's paired table compares with (default: the first)
-    bracket: {key: train.lr, grid: [1.2e-3, 5.0e-3, 2.0e-2]}  # each arm at its own bracketed lr (bracket.py)
+    bracket: {key: train.lr, grid: [1.2e-3, 5.0e-3, 2.0e-2]}  # each arm at its own bracketed lr (bracket.py;
+                                           # a list brackets several keys in turn, each with an optional if:)
 
 With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds and ``trials``
 defaults to every combination; ``nestar study report`` then prints each arm's paired difference
@@ -40,7 +41,7 @@ from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import apply_overrides, read_yaml
 from nestar_lab.config.validation import _error_lines
 from nestar_lab.sweep import checks
-from nestar_lab.sweep.bracket import Bracket, value_for
+from nestar_lab.sweep.bracket import Bracket, as_list, value_for
 
 
 class Strict(BaseModel):
@@ -162,7 +163,7 @@ class StudySpec(Strict):
     notes: str = ""
     seeds: list[int] = Field(default_factory=list, description="train every arm or grid point once per seed (paired)")
     reference: dict[str, Any] | None = Field(None, description="the arm the paired table compares with (default: the first)")
-    bracket: Bracket | None = Field(None, description="each arm at its own bracketed value of one key (searched first)")
+    bracket: list[Bracket] = Field(default_factory=list, description="each arm at its own bracketed values (searched first)")
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="before")
@@ -234,19 +235,39 @@ class StudySpec(Strict):
                 raise ValueError(f"reference: {self.reference} is none of the arms")
         if not self.space:
             raise ValueError("space: empty; a study must search at least one config key")
-        if self.bracket is not None:
-            if not self.arms:
-                raise ValueError("bracket: needs arms (each arm gets its own search of bracket.key)")
-            if self.bracket.key in self.space or self.bracket.key in self.overrides:
-                where = "space" if self.bracket.key in self.space else "overrides"
-                raise ValueError(f"bracket.key: {self.bracket.key} is also set in {where}; a bracketed key is "
-                                 f"chosen per arm by its search, so give it in one place")  # fmt: skip
-            if self.bracket.seed in self.seeds:
-                raise ValueError(f"bracket.seed: {self.bracket.seed} is one of the study's seeds; the search "
-                                 f"must train on a seed the comparison does not use")  # fmt: skip
+        if self.bracket:
+            self._check_brackets()
         if self.seeds and len(self.space) == 1 and not self.arms:
             raise ValueError("seeds: the space searches nothing but the seed; add the keys to compare")
         return self
+
+    def _check_brackets(self) -> None:
+        if not self.arms:
+            raise ValueError("bracket: needs arms (each arm gets its own search of bracket.key)")
+        keys = [b.key for b in self.bracket]
+        for i, b in enumerate(self.bracket):
+            at = "bracket" if len(self.bracket) == 1 else f"bracket.{i}"
+            if b.key in self.space or b.key in self.overrides:
+                where = "space" if b.key in self.space else "overrides"
+                raise ValueError(f"{at}.key: {b.key} is also set in {where}; a bracketed key is "
+                                 f"chosen per arm by its search, so give it in one place")  # fmt: skip
+            if b.key in keys[:i]:
+                raise ValueError(f"{at}.key: {b.key} is bracketed twice; give each key one entry")
+            if b.seed in self.seeds:
+                raise ValueError(f"{at}.seed: {b.seed} is one of the study's seeds; the search "
+                                 f"must train on a seed the comparison does not use")  # fmt: skip
+            unknown = sorted(set(b.condition) - set(self.space))
+            if unknown:
+                raise ValueError(f"{at}.if: {unknown} are not in the search space (an entry applies to arms "
+                                 f"by their values)")  # fmt: skip
+            if not any(b.applies(arm) for arm in self.arms):
+                raise ValueError(f"{at}.if: {b.condition} holds for none of the arms, so {b.key} would never "
+                                 f"be searched")  # fmt: skip
+
+    @field_validator("bracket", mode="before")
+    @classmethod
+    def _one_or_several(cls, raw: Any) -> Any:
+        return as_list(raw)
 
     @property
     def sampling_only(self) -> bool:
@@ -289,6 +310,8 @@ def load_study(name_or_path: str | Path) -> StudySpec:
         spec = StudySpec.model_validate(raw)
     except Exception as exc:  # pydantic ValidationError -> one line per problem
         lines = _error_lines(exc) if hasattr(exc, "errors") else [str(exc)]
+        if isinstance(raw, dict) and isinstance(raw.get("bracket"), dict):  # one entry, given as a mapping
+            lines = [re.sub(r"^bracket\.0\b", "bracket", line) for line in lines]
         raise ConfigError([f"{path}: {line}" for line in lines]) from None
     spec = spec.model_copy(update={"source": path})
     if not spec.base_path().is_file():

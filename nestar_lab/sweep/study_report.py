@@ -99,23 +99,30 @@ def paired_table(table: pd.DataFrame, spec: StudySpec, study: optuna.Study | Non
 
 
 def brackets_note(spec: StudySpec, study: optuna.Study) -> str | None:
-    """With ``bracket:``: each arm's chosen value and its bracket (kept in the study's storage)."""
-    if spec.bracket is None:
+    """With ``bracket:``: each arm's chosen values and their brackets (kept in the study's storage)."""
+    if not spec.bracket:
         return None
-    from nestar_lab.sweep.bracket import arm_key, describe, distinct_arms, load_entries, study_budget
+    from nestar_lab.sweep.bracket import attribute, describe, distinct_arms, walk
 
-    b, entries, budget = spec.bracket, load_entries(study), study_budget(spec)
-    lines = []
-    for arm in distinct_arms(spec.arms):
-        entry = entries.get(arm_key(arm))
-        if entry is None:
-            lines.append(f"- {arm_label(arm)}: not searched yet")
-            continue
-        stale = "" if entry.get("budget") == budget else " (searched with another budget or base: stale)"
-        lines.append(f"- {arm_label(arm)}: {b.key} {entry['value']:g}, {describe(entry['neighbours'], b.cap)}{stale}")
-    return (f"Each arm's {b.key}, bracketed by its own search ({len(b.grid)}+ trials of {b.steps} steps at seed "
-            f"{b.seed}, scored by {spec.objectives[0].metric} on {b.samples_per_class} samples per class):\n\n"
-            + "\n".join(lines))  # fmt: skip
+    notes = []
+    for i, b in enumerate(spec.bracket):
+        lines = []
+        for arm in distinct_arms(spec.arms):
+            if not b.applies(arm):
+                continue
+            chosen, _ = walk(spec, study, arm)
+            entry = study.user_attrs.get(attribute(b, arm))
+            if entry is None:
+                lines.append(f"- {arm_label(arm)}: not searched yet")
+                continue
+            stale = "" if b.key in chosen else " (searched with another budget, base or earlier choice: stale)"
+            value = f"{b.key} {entry['value']:g}, {describe(entry['neighbours'], b.cap)}"
+            lines.append(f"- {arm_label(arm)}: {value}{stale}")
+        then = f", with the {', '.join(c.key for c in spec.bracket[:i])} chosen above" if i else ""
+        notes.append(f"Each arm's {b.key}, bracketed by its own search ({len(b.grid)}+ trials of {b.steps} steps at "
+                     f"seed {b.seed}, scored by {spec.objectives[0].metric} on {b.samples_per_class} samples per "
+                     f"class{then}):\n\n" + "\n".join(lines))  # fmt: skip
+    return "\n\n".join(notes)
 
 
 def done_rows(table: pd.DataFrame) -> pd.DataFrame:

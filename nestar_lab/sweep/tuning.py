@@ -140,8 +140,9 @@ class Objective:
         if origin is not None:
             trial.set_user_attr("retry_of", origin)
         overrides = trial_overrides(self.spec, trial)
-        if self.spec.bracket is not None:  # the arm's bracketed value, as this trial trained it
-            trial.set_user_attr(f"bracketed:{self.spec.bracket.key}", overrides[self.spec.bracket.key])
+        for b in self.spec.bracket:  # the arm's bracketed values, as this trial trained them
+            if b.key in overrides:  # (an entry applies to some arms only: ``if:``)
+                trial.set_user_attr(f"bracketed:{b.key}", overrides[b.key])
         raw = apply_dotted(copy.deepcopy(self.base), overrides)
         raw["name"] = f"{self.spec.name}-trial{trial.number:04d}"
         raw["output_dir"] = str(self.spec.study_dir)
@@ -255,20 +256,21 @@ def run_study(
     if dry_run:
         existing = existing_study(spec, storage)
         left = max(0, trials - (tally(existing)["finished"] if existing is not None else 0))
-        searches = len(pending(spec, existing))
-        print(_cost(spec, left, searches, workers), flush=True)
+        print(_cost(spec, left, [b for _, b in pending(spec, existing)], workers), flush=True)
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
-        left, searches = max(0, trials - tally(study)["finished"]), len(pending(spec, study))
+        left, searches = max(0, trials - tally(study)["finished"]), [b for _, b in pending(spec, study)]
         print(_cost(spec, left, searches, workers), file=sys.stderr, flush=True)
     if prepare is not None:
         prepare(spec, study, storage)
     unsearched = pending(spec, study)
     if unsearched:
-        raise ConfigError([f"study {spec.name}: {spec.bracket.key} is bracketed per arm (bracket:) and arms "
-                           f"{unsearched} have no search yet; run it with `nestar study run`, or pass "
+        arms = [arm for arm, _ in unsearched]
+        raise ConfigError([f"study {spec.name}: {unsearched[0][1].key} is bracketed per arm (bracket:) and arms "
+                           f"{[a for i, a in enumerate(arms) if a not in arms[:i]]} have no search yet; run it with "
+                           f"`nestar study run`, or pass "
                            f"prepare=nestar_lab.sweep.bracket_search.search_brackets"])  # fmt: skip
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
@@ -279,7 +281,7 @@ def run_study(
     return study
 
 
-def _cost(spec: StudySpec, left: int, searches: int, workers: int) -> str:
+def _cost(spec: StudySpec, left: int, searches: list, workers: int) -> str:
     """The estimate line: a step timed here, and with several workers one timed with a worker's threads."""
     if not (left or searches):
         return describe_cost(spec, left, None, searches)
