@@ -267,10 +267,9 @@ def run_study(
         prepare(spec, study, storage)
     unsearched = pending(spec, study)
     if unsearched:
-        arms = [arm for arm, _ in unsearched]
-        raise ConfigError([f"study {spec.name}: {unsearched[0][1].key} is bracketed per arm (bracket:) and arms "
-                           f"{[a for i, a in enumerate(arms) if a not in arms[:i]]} have no search yet; run it with "
-                           f"`nestar study run`, or pass "
+        (arm, b), n = unsearched[0], len(unsearched)
+        raise ConfigError([f"study {spec.name}: {n} bracketing search(es) not run yet (bracket:; first {b.key} "
+                           f"for arm {arm}); run it with `nestar study run`, or pass "
                            f"prepare=nestar_lab.sweep.bracket_search.search_brackets"])  # fmt: skip
     if spec.arms and not study.trials and not os.environ.get("NESTAR_STUDY_WORKER"):
         for arm in spec.arms:
