@@ -21,6 +21,14 @@ DEVICE=${DEVICE:-auto}
 ONLY=${ONLY:-}
 LOGS=${LOGS:-runs/logs}
 mkdir -p "$LOGS"
+# one at a time: a second copy would train the same runs beside the first (each training refuses a
+# run directory another process is training in, but both would still share the two cores); the
+# lock passes to the processes started here, so it holds until the last of them ends
+exec 9>>"$LOGS/.quality_tables.lock"
+if ! flock -n 9; then
+    echo "quality_tables.sh: another one is running (it holds $LOGS/.quality_tables.lock); wait for it or stop it" >&2
+    exit 1
+fi
 
 wanted() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
 

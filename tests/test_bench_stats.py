@@ -382,6 +382,15 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
                    check=True, capture_output=True)  # fmt: skip
     assert calls.read_text().splitlines() == ["nestar study run k_ablation --workers 2", "nestar study report k_ablation"]
 
+    import fcntl
+
+    with open(tmp_path / "logs" / ".quality_tables.lock", "a") as held:  # a copy already running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env=env, capture_output=True,
+                                text=True)  # fmt: skip
+    assert second.returncode == 1 and "another one is running" in second.stderr
+    assert calls.read_text().splitlines()[-1] == "nestar study report k_ablation"  # it started nothing
+
 
 def test_an_unknown_variant_is_refused_with_the_variants_it_may_mean(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--variants", "NestAR"])

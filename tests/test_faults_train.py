@@ -262,6 +262,26 @@ def test_an_existing_run_is_refused_unless_overwrite(run, tiny_raw, tmp_path, ca
     assert json.loads((run / "train_summary.json").read_text())["segments"] == 1
 
 
+def test_a_second_process_training_the_same_run_is_refused_before_it_changes_a_file(run, tiny_raw, tmp_path, capsys):
+    """The same command started twice, or a study trial retried while its first process still
+    trains: the second is one line (exit 2) and neither resume nor --overwrite touches a file."""
+    from nestar_lab.run.rundir import LOCK, training_lock
+
+    config = _config_file(tiny_raw, tmp_path / "c.yaml")
+    with training_lock(run):  # another process, as far as flock can tell (a separate open file)
+        before = _files(run)
+        for argv in (["train", "--resume", run, "--set", "train.steps=9"],
+                     ["train", config, "--run-dir", run, "--overwrite"]):  # fmt: skip
+            code, _, err = _cli(capsys, *argv)
+            line = _one_line(err)
+            assert code == 2 and str(run) in line and f"pid {os.getpid()}" in line and "is training in it" in line
+            assert _files(run) == before
+    assert not (run / LOCK).exists()  # released: the directory as the holder found it
+    code, _, err = _cli(capsys, "train", "--resume", run, "--set", "train.steps=9")
+    assert code == 0, err
+    assert [r["step"] for r in _log_rows(run)] == list(range(1, 10)) and not (run / LOCK).exists()
+
+
 def test_a_started_run_without_checkpoint_is_refused_too(tiny_raw, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -1,7 +1,7 @@
 """A run directory: its resolved config, provenance, checkpoints (written atomically).
 
 Failures a user can meet here are one-line errors: :class:`RunDirError` (the place cannot hold
-a new run: it already holds one, or cannot be written) and :class:`CheckpointError` (a
+a new run: it already holds one, cannot be written, or another process is training in it) and :class:`CheckpointError` (a
 checkpoint that cannot be read, is incomplete, holds non-finite weights or does not fit the
 config), both :class:`~nestar_lab.config.errors.BadInput` (exit code 2 on the command line). A failed checkpoint write
 removes its temporary file and leaves the previous checkpoint as it was.
@@ -9,11 +9,13 @@ removes its temporary file and leaves the previous checkpoint as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 RESUMES = "resumes.jsonl"
+LOCK = ".training.lock"  # held (flock) while a process trains here; removed when it stops
 #: files that mark a directory as holding a run
 RUN_MARKERS = (CHECKPOINT, LOG, CONFIG)
 #: what ``--overwrite`` removes: the files training and evaluation write (nothing else)
@@ -46,6 +49,38 @@ class RunDirError(BadInput, ValueError):
 
 class CheckpointError(BadInput, ValueError):
     """A checkpoint is unreadable, incomplete, non-finite, or does not fit the config (exit 2)."""
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: str | Path):
+    """Held while a process trains in ``run_dir``: a second process that would train in the same
+    directory (the same command started twice, a study trial retried while its first process
+    still runs) is refused with one :class:`RunDirError` line, before it changes any file, instead
+    of both writing the one checkpoint and log. An advisory ``flock`` on ``run_dir/.training.lock``
+    (naming its holder), released however the process ends; a no-op where fcntl is absent."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: nothing stops a second process
+        yield
+        return
+    path = Path(run_dir) / LOCK
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise RunDirError(f"{run_dir}: {holder} is training in it; wait for it to finish (or stop it), then "
+                          f"resume") from None  # fmt: skip
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: the directory is left as training found it
+        handle.close()
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: str | Path | None = None, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from nestar_lab.run.rundir import (
     load_run_config,
     new_run_dir,
     refuse_held,
+    training_lock,
     write_json,
 )
 
@@ -132,28 +134,30 @@ def train(
         for empty in made:  # leave no empty directory behind
             empty.rmdir()
         raise
-    run_dir = _shared_run_dir(cfg, run_dir, resume, overwrite, info)
-    gen, device = exp.generator, exp.device
-    model = _wrap_ddp(exp, info)
-    opt, ema = make_optimizer(exp)
-    step, changes = 0, {}
-    if state is not None:
-        check_checkpoint_fits(state, gen.state_dict(), run_dir, config_changes(load_run_config(run_dir), cfg))
-        gen.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        step = int(state["step"])
-        if info.is_main:
-            changes = record_resume(cfg, run_dir, step, overrides)
-            cut_log(run_dir, step)
-    batches = train_batches(exp, step, info.rank, info.world)
-    if info.is_main and info.enabled:
-        print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
-              f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
-    bar = _progress(tc.steps, step, progress and info.is_main)
-    with RunLoggers(cfg, run_dir, info.is_main, log_group) as loggers:
-        return _loop(exp, model, opt, ema, batches, step, stop_at_step, callbacks, info,
-                     RunBook(run_dir, tc, info, device, step, state, changes, bar, loggers))  # fmt: skip
+    held = training_lock(run_dir) if run_dir is not None and info.is_main else contextlib.nullcontext()
+    with held:  # a second process training this directory is refused before it changes a file
+        run_dir = _shared_run_dir(cfg, run_dir, resume, overwrite, info)
+        gen, device = exp.generator, exp.device
+        model = _wrap_ddp(exp, info)
+        opt, ema = make_optimizer(exp)
+        step, changes = 0, {}
+        if state is not None:
+            check_checkpoint_fits(state, gen.state_dict(), run_dir, config_changes(load_run_config(run_dir), cfg))
+            gen.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+            step = int(state["step"])
+            if info.is_main:
+                changes = record_resume(cfg, run_dir, step, overrides)
+                cut_log(run_dir, step)
+        batches = train_batches(exp, step, info.rank, info.world)
+        if info.is_main and info.enabled:
+            print(f"distributed: {info.world} ranks x batch {tc.batch_size} = effective batch "
+                  f"{info.world * tc.batch_size}", flush=True)  # fmt: skip
+        bar = _progress(tc.steps, step, progress and info.is_main)
+        with RunLoggers(cfg, run_dir, info.is_main, log_group) as loggers:
+            return _loop(exp, model, opt, ema, batches, step, stop_at_step, callbacks, info,
+                         RunBook(run_dir, tc, info, device, step, state, changes, bar, loggers))  # fmt: skip
 
 
 def _loop(exp: Experiment, model, opt, ema, batches, step: int, stop_at_step, callbacks, info, book) -> TrainResult:
