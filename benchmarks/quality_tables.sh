@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every paired quality table, in the order docs/benchmarks.md gives them: the headline (NestAR k=4
-# against AR raster, VAR, MAR and DiT), then the coordination, patch-factor (k) and first-module
-# ablations. Each step resumes where it stopped (the results store and the study storages keep
-# what finished), so the same command continues the tables after an interruption or in a later
+# against AR raster, VAR, MAR and DiT, seeds 0-4, then seeds 5-9 of the pair those left open),
+# then the coordination, patch-factor (k) and first-module ablations. Each step resumes where it
+# stopped (the results store and the study storages keep what finished), so the same command continues the tables after an interruption or in a later
 # session; what is already done is skipped in seconds.
 #
 #   bash benchmarks/quality_tables.sh            # CPU (or the GPU when one is present: device auto)
@@ -49,9 +49,29 @@ if wanted headline; then
         echo "headline: a process failed (exit $status); see $LOGS/headline_*.log" >&2
         exit $status
     fi
+    # Stage 2, fixed once stage 1 (seeds 0-4) had run (2026-12-07): of the comparisons with NestAR
+    # k=4 on FID and recall, the one stage 1 left open without needing more than 20 seeds was AR
+    # (raster) on FID (about 8 seeds by its paired spread); that pair gets seeds 5-9, ten in all,
+    # a count fixed before any of them ran and not extended by what they show (docs/benchmarks.md:
+    # the interval of a two-stage design is nominal).
+    ten=0,1,2,3,4,5,6,7,8,9
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "AR (raster)" --seeds $ten "${common[@]}" \
+        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_a.log" 2>&1 &
+    first=$!
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4" --seeds $ten "${common[@]}" \
+        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_b.log" 2>&1 &
+    second=$!
+    trap 'kill -TERM $first $second 2>/dev/null; wait' INT TERM
+    wait $first || status=$?
+    wait $second || status=$?
+    trap - INT TERM
+    if [ $status -ne 0 ]; then
+        echo "headline, seeds 5-9: a process failed (exit $status); see $LOGS/headline_*.log" >&2
+        exit $status
+    fi
     # timed with one thread, as the runs ran (the table's "to resolve" hours)
     OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),VAR,MAR,DiT" \
-        "${common[@]}" --summary-only
+        --seeds $ten "${common[@]}" --summary-only
 fi
 
 for study in coordination_ablation k_ablation first_module_ablation; do

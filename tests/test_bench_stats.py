@@ -372,8 +372,12 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
     headline = sorted(line for line in lines[:2])
     assert headline[0].startswith("py benchmarks/bench_quality.py --variants NestAR k=4,AR (raster),DiT ")
     assert headline[1].startswith("py benchmarks/bench_quality.py --variants VAR,MAR ")
-    assert all("--device cuda" in line for line in lines[:3]) and "--summary-only" in lines[2]
-    assert lines[3:] == [f"nestar study {verb} {s}{' --workers 2' if verb == 'run' else ''}"
+    more = sorted(lines[2:4])  # stage 2: the pair still open after seeds 0-4, seeds 0-9
+    assert more[0].startswith("py benchmarks/bench_quality.py --variants AR (raster) --seeds 0,1,2,3,4,5,6,7,8,9 ")
+    assert more[1].startswith("py benchmarks/bench_quality.py --variants NestAR k=4 --seeds 0,1,2,3,4,5,6,7,8,9 ")
+    assert all("--device cuda" in line for line in lines[:5]) and "--summary-only" in lines[4]
+    assert "--seeds 0,1,2,3,4,5,6,7,8,9" in lines[4]
+    assert lines[5:] == [f"nestar study {verb} {s}{' --workers 2' if verb == 'run' else ''}"
                          for s in ("coordination_ablation", "k_ablation", "first_module_ablation")
                          for verb in ("run", "report")]  # fmt: skip
     assert (tmp_path / "logs" / "k_ablation.report.md").is_file()
