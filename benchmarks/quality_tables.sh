@@ -2,8 +2,9 @@
 # Every paired quality table, in the order docs/benchmarks.md gives them: the headline (NestAR k=4
 # against AR raster, VAR, MAR and DiT, seeds 0-4, then seeds 5-9 of the pair those left open),
 # then the coordination, patch-factor (k) and first-module ablations. Each step resumes where it
-# stopped (the results store and the study storages keep what finished), so the same command continues the tables after an interruption or in a later
-# session; what is already done is skipped in seconds.
+# stopped (the results store and the study storages keep what finished), so the same command
+# continues the tables after an interruption or in a later session; what is already done is
+# skipped in seconds.
 #
 #   bash benchmarks/quality_tables.sh            # CPU (or the GPU when one is present: device auto)
 #   DEVICE=cuda bash benchmarks/quality_tables.sh
