@@ -1,8 +1,8 @@
 """A run directory: its resolved config, provenance, checkpoints (written atomically).
 
 Failures a user can meet here are one-line errors: :class:`RunDirError` (the place cannot hold
-a new run: it already holds one, cannot be written, or another process is training in it) and :class:`CheckpointError` (a
-checkpoint that cannot be read, is incomplete, holds non-finite weights or does not fit the
+a new run: it already holds one, cannot be written, or another process is training in it) and
+:class:`CheckpointError` (a checkpoint that cannot be read, is incomplete, holds non-finite weights or does not fit the
 config), both :class:`~nestar_lab.config.errors.BadInput` (exit code 2 on the command line). A failed checkpoint write
 removes its temporary file and leaves the previous checkpoint as it was.
 """

@@ -1,7 +1,7 @@
 """Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm
-and ``bracket:`` entry, run by ``nestar study run`` before the study's own trials, each an ordinary study in the study's
-storage with its runs under ``<study_dir>/brackets/`` (resumable; ``nestar study report <its
-study.yaml> --storage URL`` reads it)."""
+and ``bracket:`` entry, run by ``nestar study run`` before the study's own trials, each an
+ordinary study in the study's storage with its runs under ``<study_dir>/brackets/`` (resumable;
+``nestar study report <its study.yaml> --storage URL`` reads it)."""
 
 from __future__ import annotations
 
