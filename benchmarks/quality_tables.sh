@@ -33,43 +33,37 @@ fi
 
 wanted() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
 
-if wanted headline; then
-    common=(--samples-per-class 100 --section quality_headline --device "$DEVICE")
-    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),DiT" "${common[@]}" \
-        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_a.log" 2>&1 &
-    first=$!
-    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "VAR,MAR" "${common[@]}" \
-        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_b.log" 2>&1 &
-    second=$!
-    trap 'kill -TERM $first $second 2>/dev/null; wait' INT TERM  # both stop at a checkpoint
-    status=0
+# two 1-thread bench_quality processes (one per core), variants A and B, the other arguments
+# shared; INT or TERM stops both at a checkpoint; a failure ends the script with its exit code
+two_processes() {
+    local stage=$1 a=$2 b=$3
+    shift 3
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "$a" "$@" >> "$LOGS/headline_a.log" 2>&1 &
+    local first=$!
+    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "$b" "$@" >> "$LOGS/headline_b.log" 2>&1 &
+    local second=$!
+    trap "kill -TERM $first $second 2>/dev/null; wait" INT TERM
+    local status=0
     wait $first || status=$?
     wait $second || status=$?
     trap - INT TERM
     if [ $status -ne 0 ]; then
-        echo "headline: a process failed (exit $status); see $LOGS/headline_*.log" >&2
+        echo "$stage: a process failed (exit $status); see $LOGS/headline_*.log" >&2
         exit $status
     fi
+}
+
+if wanted headline; then
+    common=(--samples-per-class 100 --section quality_headline --device "$DEVICE")
+    out=(--out benchmarks/results/quality/headline.md)
+    two_processes headline "NestAR k=4,AR (raster),DiT" "VAR,MAR" "${common[@]}" "${out[@]}"
     # Stage 2, fixed once stage 1 (seeds 0-4) had run (2026-12-07): of the comparisons with NestAR
     # k=4 on FID and recall, the one stage 1 left open without needing more than 20 seeds was AR
     # (raster) on FID (about 8 seeds by its paired spread); that pair gets seeds 5-9, ten in all,
     # a count fixed before any of them ran and not extended by what they show (docs/benchmarks.md:
     # the interval of a two-stage design is nominal).
     ten=0,1,2,3,4,5,6,7,8,9
-    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "AR (raster)" --seeds $ten "${common[@]}" \
-        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_a.log" 2>&1 &
-    first=$!
-    OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4" --seeds $ten "${common[@]}" \
-        --out benchmarks/results/quality/headline.md >> "$LOGS/headline_b.log" 2>&1 &
-    second=$!
-    trap 'kill -TERM $first $second 2>/dev/null; wait' INT TERM
-    wait $first || status=$?
-    wait $second || status=$?
-    trap - INT TERM
-    if [ $status -ne 0 ]; then
-        echo "headline, seeds 5-9: a process failed (exit $status); see $LOGS/headline_*.log" >&2
-        exit $status
-    fi
+    two_processes "headline, seeds 5-9" "AR (raster)" "NestAR k=4" --seeds $ten "${common[@]}" "${out[@]}"
     # timed with one thread, as the runs ran (the table's "to resolve" hours)
     OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "NestAR k=4,AR (raster),VAR,MAR,DiT" \
         --seeds $ten "${common[@]}" --summary-only

@@ -7,10 +7,10 @@ ends with the same weights as one that never stopped (exactly, on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
