@@ -104,18 +104,20 @@ def brackets_note(spec: StudySpec, study: optuna.Study) -> str | None:
         return None
     from nestar_lab.sweep.bracket import attribute, describe, distinct_arms, walk
 
+    arms = distinct_arms(spec.arms)
+    chosen = [walk(spec, study, arm)[0] for arm in arms]  # each arm's current choices, read once
+    stored = study.user_attrs
     notes = []
     for i, b in enumerate(spec.bracket):
         lines = []
-        for arm in distinct_arms(spec.arms):
+        for arm, current in zip(arms, chosen):
             if not b.applies(arm):
                 continue
-            chosen, _ = walk(spec, study, arm)
-            entry = study.user_attrs.get(attribute(b, arm))
+            entry = stored.get(attribute(b, arm))
             if entry is None:
                 lines.append(f"- {arm_label(arm)}: not searched yet")
                 continue
-            stale = "" if b.key in chosen else " (searched with another budget, base or earlier choice: stale)"
+            stale = "" if b.key in current else " (searched with another budget, base or earlier choice: stale)"
             value = f"{b.key} {entry['value']:g}, {describe(entry['neighbours'], b.cap)}"
             lines.append(f"- {arm_label(arm)}: {value}{stale}")
         then = f", with the {', '.join(c.key for c in spec.bracket[:i])} chosen above" if i else ""
