@@ -184,3 +184,105 @@ def test_several_keys_are_bracketed_in_turn_each_where_it_applies(tmp_path, tiny
     changed = {**entries["coordination.params.weight " + arm_key(on)], "value": weight * 4}
     study.set_user_attr(PREFIX + "coordination.params.weight " + arm_key(on), changed)
     assert [(arm, b.key) for arm, b in pending(spec, study)] == [(on, "train.lr")]
+
+
+def test_with_workers_the_arms_search_side_by_side_and_choose_what_one_process_chooses(tmp_path, tiny_raw, capsys):
+    """Two processes (``python -m nestar_lab.sweep.bracket_search``), one arm each, store the very
+    choices a search in this process makes: an arm's search depends on nothing another arm does."""
+    from nestar_lab.sweep.bracket_search import search_brackets
+    from nestar_lab.sweep.storage import default_storage
+
+    (tmp_path / "serial").mkdir()
+    serial_spec = write_study(tmp_path / "serial", tiny_raw)
+    serial = search_brackets(serial_spec, open_study(serial_spec), default_storage(serial_spec))
+    spec = write_study(tmp_path, tiny_raw)
+    storage = default_storage(spec)
+    side_by_side = search_brackets(spec, open_study(spec, storage), storage, workers=2)
+    assert "2 arms' searches in 2 processes side by side" in capsys.readouterr().err
+    assert len(side_by_side) == 2 and not pending(spec, existing_study(spec, None))
+    for key, entry in serial.items():
+        assert side_by_side[key]["value"] == entry["value"]
+        assert dict(map(tuple, side_by_side[key]["scores"])) == pytest.approx(dict(map(tuple, entry["scores"])))
+
+
+class Ended:
+    """A finished search process with a fixed pid."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+
+def test_search_processes_share_the_arms_and_a_failed_one_is_one_line(tmp_path, tiny_raw, monkeypatch):
+    import signal
+
+    from nestar_lab.sweep import bracket_search, workers
+    from nestar_lab.sweep.storage import StudyFailed, default_storage
+
+    three = [{"generator.params.k": k} for k in (2, 4, 8)]
+    spec = write_study(tmp_path, tiny_raw, space={"generator.params.k": {"choices": [2, 4, 8]}}, arms=three)
+    study = open_study(spec)
+    started = []
+
+    def processes(codes, stopped=()):
+        def run(commands):
+            started.append(commands)
+            return [Ended(500 + i) for i in range(len(commands))], list(codes), list(stopped)
+        return run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(bracket_search, "run_processes", processes([0, 0]))
+    bracket_search.search_brackets(spec, study, "sqlite:///x.db", workers=2)  # nothing stored: fakes
+    (commands,) = started
+    assert [cmd[-4:] for cmd, _ in commands] == [["nestar_lab.sweep.bracket_search", str(spec.source), "sqlite:///x.db",
+                                                  "0,2"], ["nestar_lab.sweep.bracket_search", str(spec.source),
+                                                           "sqlite:///x.db", "1"]]  # fmt: skip
+    assert [env["OMP_NUM_THREADS"] for _, env in commands] == ["2", "2"]  # 4 cores shared by 2
+
+    monkeypatch.setattr(bracket_search, "run_processes", processes([0, 3]))
+    with pytest.raises(StudyFailed) as info:
+        bracket_search.search_brackets(spec, study, "sqlite:///x.db", workers=4)
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 3
+    assert "the search of arm(s) 1 (pid 501) exited with code 3" in message and "re-run the same command" in message
+    assert [len(c) for c in started[1:]] == [3]  # one process per arm: no more processes than arms
+
+    monkeypatch.setattr(bracket_search, "run_processes", processes([-15, -15], [signal.SIGTERM]))
+    with pytest.raises(StudyFailed) as info:
+        bracket_search.search_brackets(spec, study, "sqlite:///x.db", workers=2)
+    assert info.value.exit_code == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in str(info.value)
+
+    # one arm to search: this process searches it, no other is started
+    monkeypatch.setattr(bracket_search, "run_processes", processes([1]))
+    (tmp_path / "one").mkdir()
+    one = write_study(tmp_path / "one", tiny_raw, arms=three[1:2])
+    started.clear()
+    assert len(bracket_search.search_brackets(one, open_study(one), default_storage(one), workers=2)) == 1
+    assert not started
+
+
+def test_the_search_entry_point_reports_bad_input_as_one_line(tmp_path, capsys):
+    from nestar_lab.sweep.bracket_search import main as search_main
+
+    assert search_main([str(tmp_path / "missing.yaml"), "sqlite:///x.db", "0"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "missing.yaml" in line
+
+
+def test_the_cost_line_counts_the_searches_side_by_side(tmp_path, tiny_raw):
+    from nestar_lab.sweep.bracket import Bracket
+    from nestar_lab.sweep.cost import describe_cost
+
+    spec = write_study(tmp_path, tiny_raw)
+    (b,) = spec.bracket
+    assert isinstance(b, Bracket)
+    steps = tiny_raw["train"]["steps"]
+    search = 2 * len(b.grid) * b.steps  # two arms' searches
+    alone = describe_cost(spec, 4, 10.0, [b, b], workers=1, search_arms=2)
+    assert f"about {(search + 4 * steps) * 10 / 60:.0f} min of training at 10.00 s/step timed here" in alone
+    shared = describe_cost(spec, 4, 10.0, [b, b], workers=2, worker_step_s=15.0, search_arms=2)
+    minutes = (search + 4 * steps) * 15 / 2 / 60
+    assert f"about {minutes:.0f} min of training at 15.00 s/step in each of 2 workers" in shared
+    assert "(the searches 2 arms at a time)" in shared
+    one_arm = describe_cost(spec, 4, 10.0, [b], workers=2, worker_step_s=15.0, search_arms=1)
+    assert "arms at a time" not in one_arm  # one arm: its searches run alone, at this process's step time

@@ -1,7 +1,8 @@
 """Running the bracketing searches (``bracket.py`` has the rule): one small Optuna study per arm
 and ``bracket:`` entry, run by ``nestar study run`` before the study's own trials, each an
 ordinary study in the study's storage with its runs under ``<study_dir>/brackets/`` (resumable;
-``nestar study report <its study.yaml> --storage URL`` reads it)."""
+``nestar study report <its study.yaml> --storage URL`` reads it). With ``--workers`` the arms
+search side by side, one process per group of arms (``python -m nestar_lab.sweep.bracket_search``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import math
 import signal
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 import yaml
@@ -32,6 +33,7 @@ from nestar_lab.sweep.bracket import (
 from nestar_lab.sweep.storage import StudyFailed, fail_stale
 from nestar_lab.sweep.study import NamedSpec, ParamSpace, StudySpec, apply_dotted
 from nestar_lab.sweep.tuning import Objective, run_study
+from nestar_lab.sweep.workers import how_it_ended, run_processes, visible_gpus, worker_env
 
 
 def extend(study: optuna.Study, spec: StudySpec, key: str, grid: list[float], factor: float, cap: int,
@@ -117,13 +119,22 @@ def arm_study(spec: StudySpec, arm: dict[str, Any], b: Bracket, before: dict[str
     return sub.model_copy(update={"source": source})
 
 
-def search_brackets(spec: StudySpec, study: optuna.Study, storage: str) -> dict[str, Any]:
-    """Every arm's bracketed values, searched where ``study`` lacks them for this budget (arm by arm,
-    each arm's entries in ``bracket:``'s order, each choice kept in the study's storage as its search
-    finishes). Returns the study's choices."""
+def search_brackets(spec: StudySpec, study: optuna.Study, storage: str, workers: int = 1,
+                    only: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every arm's bracketed values, searched where ``study`` lacks them for this budget (each arm's
+    entries in ``bracket:``'s order, each choice kept in the study's storage as its search
+    finishes). An arm's searches depend only on its own earlier choices, so with ``workers`` > 1
+    the arms search side by side in up to ``workers`` processes (:func:`search_in_processes`).
+    ``only``: the indices (into ``bracket.distinct_arms``) of the arms to search here. Returns the
+    study's choices."""
+    arms = distinct_arms(spec.arms)
+    todo = [i for i, arm in enumerate(arms) if (only is None or i in only) and walk(spec, study, arm)[1]]
+    if workers > 1 and len(todo) > 1:
+        search_in_processes(spec, storage, todo, workers)
+        return load_entries(study)
     sign = 1.0 if spec.objectives[0].direction == "minimize" else -1.0
     base = read_yaml(spec.base_path())
-    for arm in distinct_arms(spec.arms):
+    for arm in (arms[i] for i in todo):
         label = ", ".join(f"{k}={v}" for k, v in arm.items()) or "(base)"
         while True:
             _, missing = walk(spec, study, arm)
@@ -143,3 +154,53 @@ def search_brackets(spec: StudySpec, study: optuna.Study, storage: str) -> dict[
             print(f"[bracket] {label}: {b.key} {best:g}", file=sys.stderr, flush=True)
             store(study, b, arm, entry)
     return load_entries(study)
+
+
+def search_in_processes(spec: StudySpec, storage: str, todo: list[int], workers: int) -> None:
+    """The arms ``todo`` (indices into ``distinct_arms``) dealt round-robin to ``min(workers,
+    len(todo))`` processes (``python -m nestar_lab.sweep.bracket_search``), each with its share of
+    the cores (a GPU each where several are visible), as ``--workers`` shares the trials.
+    :class:`StudyFailed` when one did not finish (the others' choices are kept) or on SIGTERM/Ctrl-C
+    (each process stops at a checkpoint; its search trial is queued again)."""
+    n = min(workers, len(todo))
+    groups = [todo[i::n] for i in range(n)]
+    gpus = visible_gpus()
+    commands = [([sys.executable, "-m", "nestar_lab.sweep.bracket_search", str(spec.source), storage,
+                  ",".join(map(str, group))], worker_env(i, n, gpus)) for i, group in enumerate(groups)]  # fmt: skip
+    print(f"[bracket] {spec.name}: {len(todo)} arms' searches in {n} processes side by side", file=sys.stderr,
+          flush=True)  # fmt: skip
+    procs, codes, stopped = run_processes(commands)
+    if stopped:
+        raise StudyFailed(f"study {spec.name}: bracketing searches interrupted ({signal.Signals(stopped[0]).name}); "
+                          "each search's trial is queued again: re-run the same command to go on",
+                          exit_code=128 + stopped[0])  # fmt: skip
+    died = [f"the search of arm(s) {','.join(map(str, g))} (pid {p.pid}) {how_it_ended(c)}"
+            for g, p, c in zip(groups, procs, codes) if c]  # fmt: skip
+    if died:
+        code = next((c for c in codes if c > 0), 1)  # a process's own exit code (a signal's death: 1)
+        raise StudyFailed("; ".join(died) + "; its error is above, the other choices are kept: re-run the same "
+                          "command to go on", exit_code=code)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nestar_lab.sweep.bracket_search STUDY_FILE STORAGE ARMS``: search the arms ARMS
+    (comma-separated indices into ``distinct_arms``) in this process, as :func:`search_in_processes`
+    starts it. Errors end as one line on stderr and an exit code, as ``nestar`` does."""
+    from nestar_lab.config.errors import describe
+    from nestar_lab.sweep.storage import open_study
+    from nestar_lab.sweep.study import load_study
+
+    source, storage, arms = argv if argv is not None else sys.argv[1:]
+    try:
+        spec = load_study(source)
+        search_brackets(spec, open_study(spec, storage), storage, only=[int(a) for a in arms.split(",")])
+    except (Exception, KeyboardInterrupt) as exc:
+        code, lines = describe(exc)
+        for line in lines:
+            print(line, file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

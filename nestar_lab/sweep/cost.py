@@ -32,12 +32,13 @@ def timed_step_seconds(spec: StudySpec, device: str | None = None, threads: int 
 
 
 def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: Sequence[Bracket] = (),
-                  workers: int = 1, worker_step_s: float | None = None) -> str:  # fmt: skip
+                  workers: int = 1, worker_step_s: float | None = None, search_arms: int = 1) -> str:  # fmt: skip
     """One line: the trials left, their training steps, the bracketing searches still to run (one
     ``bracket:`` entry per search not yet run: at least its grid; extensions past an edge add
     trials), and the hours at ``step_s`` (training only: evaluation comes on top). With ``workers``
     > 1 the trials share out over the workers, each at ``worker_step_s`` (a step timed with a
-    worker's threads); the searches run first, alone."""
+    worker's threads), and the searches, which run first, share out over ``min(workers,
+    search_arms)`` processes (the arms with searches left: an arm's searches run one after the other)."""
     steps = int(validate_config(apply_dotted(copy.deepcopy(read_yaml(spec.base_path())), dict(spec.overrides))).train.steps)
     shared = " (sampling-only study: one shared training)" if spec.sampling_only else ""
     line = f"study {spec.name}: {to_run} trials to run x {steps} training steps = {to_run * steps} steps{shared}"
@@ -57,7 +58,11 @@ def describe_cost(spec: StudySpec, to_run: int, step_s: float | None, searches: 
     trial_steps = steps if spec.sampling_only else to_run * steps
     parallel = min(workers, max(to_run, 1)) if not spec.sampling_only else 1
     per_step = worker_step_s if parallel > 1 and worker_step_s else step_s
-    total = step_s * search_steps + per_step * trial_steps / parallel
+    side_by_side = min(workers, search_arms) if search_steps else 1
+    search_step = worker_step_s if side_by_side > 1 and worker_step_s else step_s
+    total = search_step * search_steps / side_by_side + per_step * trial_steps / parallel
     when = f"{total / 3600:.1f} h" if total > 5400 else f"{total / 60:.0f} min"
     how = f"{per_step:.2f} s/step in each of {parallel} workers" if parallel > 1 else f"{step_s:.2f} s/step"
+    if side_by_side > 1:
+        how += f" (the searches {side_by_side} arms at a time)"
     return f"{line}; about {when} of training at {how} timed here (evaluations on top)"

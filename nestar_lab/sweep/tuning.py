@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 from nestar_lab.config.errors import ConfigError
 from nestar_lab.config.overrides import read_yaml
 from nestar_lab.config.validation import validate_config
-from nestar_lab.sweep.bracket import pending
+from nestar_lab.sweep.bracket import arm_key, pending
 from nestar_lab.sweep.cost import describe_cost, timed_step_seconds
 from nestar_lab.sweep.storage import (
     FINISHED,
@@ -237,7 +237,7 @@ def run_study(
     progress: bool = False,
     estimate: bool = False,
     dry_run: bool = False,
-    prepare: Callable[[StudySpec, optuna.Study, str], object] | None = None,
+    prepare: Callable[[StudySpec, optuna.Study, str, int], object] | None = None,
 ) -> optuna.Study | None:
     """Run until the study holds ``trials`` finished (COMPLETE or PRUNED) trials, counted across
     every cooperating process, or ``timeout`` seconds pass. ``workers > 1`` starts that many
@@ -247,8 +247,8 @@ def run_study(
     trials in a row, or when interrupted (its trial is re-queued for the next run). ``estimate``:
     first print what is left to run and its cost (from a training step timed here) to stderr.
     ``dry_run``: print that (to stdout) and return None, training and creating nothing.
-    ``prepare``: called with the spec, the study and its storage URL after the estimate and before
-    any trial; a study with ``bracket:`` needs ``bracket_search.search_brackets`` there (``nestar
+    ``prepare``: called with the spec, the study, its storage URL and ``workers`` after the estimate
+    and before any trial; a study with ``bracket:`` needs ``bracket_search.search_brackets`` there (``nestar
     study run`` passes it)."""
     trials = trials or spec.trials
     if storage:
@@ -256,15 +256,15 @@ def run_study(
     if dry_run:
         existing = existing_study(spec, storage)
         left = max(0, trials - (tally(existing)["finished"] if existing is not None else 0))
-        print(_cost(spec, left, [b for _, b in pending(spec, existing)], workers), flush=True)
+        print(_cost(spec, left, pending(spec, existing), workers), flush=True)
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
     if estimate:
-        left, searches = max(0, trials - tally(study)["finished"]), [b for _, b in pending(spec, study)]
-        print(_cost(spec, left, searches, workers), file=sys.stderr, flush=True)
+        left = max(0, trials - tally(study)["finished"])
+        print(_cost(spec, left, pending(spec, study), workers), file=sys.stderr, flush=True)
     if prepare is not None:
-        prepare(spec, study, storage)
+        prepare(spec, study, storage, workers)
     unsearched = pending(spec, study)
     if unsearched:
         (arm, b), n = unsearched[0], len(unsearched)
@@ -281,12 +281,15 @@ def run_study(
 
 
 def _cost(spec: StudySpec, left: int, searches: list, workers: int) -> str:
-    """The estimate line: a step timed here, and with several workers one timed with a worker's threads."""
+    """The estimate line (``searches``: ``bracket.pending``'s pairs): a step timed here, and with
+    several workers one timed with a worker's threads."""
+    entries, arms = [b for _, b in searches], len({arm_key(a) for a, _ in searches})
     if not (left or searches):
-        return describe_cost(spec, left, None, searches)
+        return describe_cost(spec, left, None, entries)
     step_s = timed_step_seconds(spec)
-    worker_s = timed_step_seconds(spec, threads=worker_threads(workers)) if workers > 1 and left > 1 else None
-    return describe_cost(spec, left, step_s, searches, workers, worker_s)
+    shared = workers > 1 and (left > 1 or arms > 1)
+    worker_s = timed_step_seconds(spec, threads=worker_threads(workers)) if shared else None
+    return describe_cost(spec, left, step_s, entries, workers, worker_s, search_arms=arms)
 
 
 def invalid_trials(trials: list) -> str | None:

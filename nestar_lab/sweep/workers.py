@@ -1,7 +1,8 @@
 """``nestar study run --workers W``: W processes on this machine sharing one study's storage,
 each with its share of the CPU cores and, where several GPUs are visible, one GPU (round-robin).
 A worker is an ordinary ``nestar study run`` of the same study; a dead one fails the run (its
-trials are retried by the next run) and SIGTERM or Ctrl-C here stops them all."""
+trials are retried by the next run) and SIGTERM or Ctrl-C here stops them all. The bracketing
+searches before the trials share out the same way (``bracket_search.search_in_processes``)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def visible_gpus() -> list[str]:
     return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
 
 
-def _how_it_ended(code: int) -> str:
+def how_it_ended(code: int) -> str:
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -43,16 +44,22 @@ def _how_it_ended(code: int) -> str:
     return f"exited with code {code}"
 
 
-def run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
-    cmd = [sys.executable, "-m", "nestar_lab.cli", "study", "run", str(spec.source), "--trials", str(trials),
-           "--storage", storage]  # fmt: skip
-    if timeout:
-        cmd += ["--timeout", str(timeout)]
-    gpus = visible_gpus()
+def worker_env(i: int, workers: int, gpus: list[str]) -> dict[str, str]:
+    """Worker ``i``'s environment (0-based): its share of the cores and, with several GPUs, one of them."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads(workers))}  # the cores shared out, not each taking all
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+    return env
+
+
+def run_processes(commands: list[tuple[list[str], dict[str, str]]]) -> tuple[list, list[int], list[int]]:
+    """Start every (command, environment) and wait for them all; SIGTERM or Ctrl-C here is passed on
+    to them as SIGTERM (each stops at a checkpoint). Returns the processes, their exit codes and the
+    signals this process received while waiting (empty when none)."""
     procs: list[subprocess.Popen] = []
     stopped: list[int] = []
 
-    def stop(signum, frame=None):  # SIGTERM or Ctrl-C here: the workers stop (trials re-queued)
+    def stop(signum, frame=None):
         stopped.append(signum)
         for p in procs:
             if p.poll() is None:
@@ -61,11 +68,7 @@ def run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
-        for i in range(workers):
-            env = {**os.environ, "NESTAR_STUDY_WORKER": str(i + 1)}
-            env["OMP_NUM_THREADS"] = str(worker_threads(workers))  # the cores shared out, not each taking all
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        for cmd, env in commands:
             procs.append(subprocess.Popen(cmd, env=env))
         codes = []
         for p in procs:
@@ -78,10 +81,21 @@ def run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    return procs, codes, stopped
+
+
+def run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
+    cmd = [sys.executable, "-m", "nestar_lab.cli", "study", "run", str(spec.source), "--trials", str(trials),
+           "--storage", storage]  # fmt: skip
+    if timeout:
+        cmd += ["--timeout", str(timeout)]
+    gpus = visible_gpus()
+    envs = [{**worker_env(i, workers, gpus), "NESTAR_STUDY_WORKER": str(i + 1)} for i in range(workers)]
+    procs, codes, stopped = run_processes([(cmd, env) for env in envs])
     if stopped:
         raise StudyFailed(f"study {spec.name} interrupted ({signal.Signals(stopped[0]).name}); the workers' trials "
                           "are queued again: re-run the same command to go on", exit_code=128 + stopped[0])  # fmt: skip
-    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {_how_it_ended(c)}" for i, (p, c) in enumerate(zip(procs, codes)) if c]
+    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {how_it_ended(c)}" for i, (p, c) in enumerate(zip(procs, codes)) if c]
     if died:
         count = tally(study)
         state = (f"the study holds {count['finished']}/{trials} finished trials"
