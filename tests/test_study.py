@@ -85,6 +85,19 @@ def test_a_dry_run_prints_what_is_left_and_creates_nothing(tmp_path, tiny_raw, c
     assert "s/step in each of 2 workers timed here" in capsys.readouterr().out
 
 
+def test_a_worker_prints_no_estimate_of_its_own(tmp_path, tiny_raw, capsys, monkeypatch):
+    """The parent of ``--workers`` printed the study's estimate: a worker times no step of its own."""
+    spec = write_study(tmp_path, tiny_raw)
+    run_study(spec, trials=1)
+    monkeypatch.setenv("NESTAR_STUDY_WORKER", "1")
+    capsys.readouterr()
+    run_study(spec, trials=1, estimate=True)  # nothing left: the worker's run ends at once
+    assert "trials to run" not in capsys.readouterr().err
+    monkeypatch.delenv("NESTAR_STUDY_WORKER")
+    run_study(spec, trials=1, estimate=True)
+    assert "0 trials to run" in capsys.readouterr().err
+
+
 def test_a_cost_estimate_shares_the_trials_out_over_the_workers(tmp_path, tiny_raw):
     from nestar_lab.sweep.cost import describe_cost
 

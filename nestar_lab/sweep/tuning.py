@@ -260,7 +260,7 @@ def run_study(
         return None
     storage = storage or default_storage(spec)
     study = open_study(spec, storage)
-    if estimate:
+    if estimate and not os.environ.get("NESTAR_STUDY_WORKER"):  # a worker: the parent printed it for all
         left = max(0, trials - tally(study)["finished"])
         print(_cost(spec, left, pending(spec, study), workers), file=sys.stderr, flush=True)
     if prepare is not None:
