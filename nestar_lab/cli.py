@@ -394,7 +394,7 @@ def cmd_study(args) -> int:
 
         study = run_study(spec, args.trials, args.timeout, args.storage, args.workers, progress=sys.stderr.isatty(),
                           estimate=True, dry_run=args.dry_run, prepare=search_brackets)  # fmt: skip
-        if study is None:  # --dry-run: the cost is printed, nothing ran
+        if study is None or os.environ.get("NESTAR_STUDY_WORKER"):  # --dry-run, or a worker: its parent sums up
             return 0
         trials = study.get_trials(deepcopy=False)
         counts = Counter(t.state.name for t in trials)

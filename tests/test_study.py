@@ -85,17 +85,20 @@ def test_a_dry_run_prints_what_is_left_and_creates_nothing(tmp_path, tiny_raw, c
     assert "s/step in each of 2 workers timed here" in capsys.readouterr().out
 
 
-def test_a_worker_prints_no_estimate_of_its_own(tmp_path, tiny_raw, capsys, monkeypatch):
-    """The parent of ``--workers`` printed the study's estimate: a worker times no step of its own."""
+def test_a_worker_prints_no_estimate_or_summary_of_its_own(tmp_path, tiny_raw, capsys, monkeypatch):
+    """The parent of ``--workers`` prints the study's estimate and its summary: a worker times no
+    step and prints neither (they were printed once per process)."""
     spec = write_study(tmp_path, tiny_raw)
     run_study(spec, trials=1)
     monkeypatch.setenv("NESTAR_STUDY_WORKER", "1")
     capsys.readouterr()
-    run_study(spec, trials=1, estimate=True)  # nothing left: the worker's run ends at once
-    assert "trials to run" not in capsys.readouterr().err
+    assert main(["study", "run", str(spec.source), "--trials", "1"]) == 0  # nothing left: ends at once
+    out, err = capsys.readouterr()
+    assert "trials to run" not in err and "report: nestar study report" not in out
     monkeypatch.delenv("NESTAR_STUDY_WORKER")
-    run_study(spec, trials=1, estimate=True)
-    assert "0 trials to run" in capsys.readouterr().err
+    assert main(["study", "run", str(spec.source), "--trials", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "0 trials to run" in err and "report: nestar study report" in out
 
 
 def test_a_cost_estimate_shares_the_trials_out_over_the_workers(tmp_path, tiny_raw):
