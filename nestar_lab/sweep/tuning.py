@@ -248,8 +248,8 @@ def run_study(
     first print what is left to run and its cost (from a training step timed here) to stderr.
     ``dry_run``: print that (to stdout) and return None, training and creating nothing.
     ``prepare``: called with the spec, the study, its storage URL and ``workers`` after the estimate
-    and before any trial; a study with ``bracket:`` needs ``bracket_search.search_brackets`` there (``nestar
-    study run`` passes it)."""
+    and before any trial; a study with ``bracket:`` needs ``bracket_search.search_brackets`` there
+    (``nestar study run`` passes it)."""
     trials = trials or spec.trials
     if storage:
         check_storage(storage)  # before the study directory or any trial exists

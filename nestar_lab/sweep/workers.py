@@ -95,7 +95,8 @@ def run_workers(spec, trials, timeout, storage, workers, study) -> optuna.Study:
     if stopped:
         raise StudyFailed(f"study {spec.name} interrupted ({signal.Signals(stopped[0]).name}); the workers' trials "
                           "are queued again: re-run the same command to go on", exit_code=128 + stopped[0])  # fmt: skip
-    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {how_it_ended(c)}" for i, (p, c) in enumerate(zip(procs, codes)) if c]
+    died = [f"worker {i + 1}/{workers} (pid {p.pid}) {how_it_ended(c)}"
+            for i, (p, c) in enumerate(zip(procs, codes)) if c]  # fmt: skip
     if died:
         count = tally(study)
         state = (f"the study holds {count['finished']}/{trials} finished trials"
