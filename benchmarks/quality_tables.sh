@@ -33,8 +33,20 @@ fi
 
 wanted() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
 
+# halt CODE STAGE PID...: stop the processes at a checkpoint, reap them, end the script with CODE
+halt() {
+    local code=$1 stage=$2
+    shift 2
+    kill -TERM "$@" 2>/dev/null
+    wait
+    echo "$stage: stopped at a checkpoint; the same command continues" >&2
+    exit "$code"
+}
+
 # two 1-thread bench_quality processes (one per core), variants A and B, the other arguments
-# shared; INT or TERM stops both at a checkpoint; a failure ends the script with its exit code
+# shared; INT or TERM stops both at a checkpoint and ends the script with 130 or 143 (the trap
+# reaps both, so the waits below must not run after it: they would read "not a child", 127); a
+# failure ends the script with its exit code
 two_processes() {
     local stage=$1 a=$2 b=$3
     shift 3
@@ -42,7 +54,8 @@ two_processes() {
     local first=$!
     OMP_NUM_THREADS=1 "$PY" benchmarks/bench_quality.py --variants "$b" "$@" >> "$LOGS/headline_b.log" 2>&1 &
     local second=$!
-    trap "kill -TERM $first $second 2>/dev/null; wait" INT TERM
+    trap "halt 130 '$stage' $first $second" INT
+    trap "halt 143 '$stage' $first $second" TERM
     local status=0
     wait $first || status=$?
     wait $second || status=$?

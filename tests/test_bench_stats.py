@@ -396,6 +396,34 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
     assert calls.read_text().splitlines()[-1] == "nestar study report k_ablation"  # it started nothing
 
 
+def test_a_stopped_quality_tables_script_stops_both_processes_and_says_so(tmp_path):
+    """TERM to ``quality_tables.sh`` while the two headline processes run: both get TERM, the
+    script ends with 143 and one line saying the same command continues (it read "a process
+    failed (exit 127)" before: its waits ran after the trap had reaped both)."""
+    import signal
+    import subprocess
+    import time
+
+    started, stopped = tmp_path / "started", tmp_path / "stopped"
+    fake = tmp_path / "py"  # a benchmark process that runs until TERM, then stops at its "checkpoint"
+    fake.write_text(f"#!/bin/sh\ntrap 'echo $$ >> {stopped}; exit 143' TERM\necho $$ >> {started}\n"
+                    "while true; do sleep 0.1; done\n")  # fmt: skip
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": str(fake), "NESTAR": "false", "LOGS": str(tmp_path / "logs"), "ONLY": "headline"}
+    script = subprocess.Popen(["bash", str(root / "benchmarks" / "quality_tables.sh")], env=env,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while (not started.exists() or len(started.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)
+    err = script.communicate(timeout=30)[1]
+    assert script.returncode == 143
+    assert sorted(stopped.read_text().split()) == sorted(started.read_text().split())  # both stopped
+    assert err.strip().splitlines()[-1] == "headline: stopped at a checkpoint; the same command continues"
+    assert "not a child" not in err and "failed" not in err
+
+
 def test_an_unknown_variant_is_refused_with_the_variants_it_may_mean(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_quality.py", "--variants", "NestAR"])
     with pytest.raises(SystemExit) as info:
