@@ -560,3 +560,33 @@ def test_trials_optuna_fails_after_the_objective_returned_count_as_errors(tmp_pa
     with pytest.raises(StudyFailed) as info:
         run_study(spec)
     assert "2 trials in a row failed" in str(info.value) and "a failure Optuna reported" in str(info.value)
+
+
+def test_a_resumed_trial_keeps_its_origins_stop_reason_off_its_own_row(tmp_path, tiny_raw, monkeypatch):
+    """An interrupted trial is queued again; optuna's retry copies the origin's user attributes,
+    so the finished retry read "interrupted at step N" in the report as if it had not finished."""
+    import signal as signals
+
+    import nestar_lab.run.train as train_module
+    from nestar_lab.run.train import TrainingInterrupted
+
+    real_train = train_module.train
+
+    def stopped(cfg, run_dir, **kw):
+        raise TrainingInterrupted(Path(run_dir), 1, signals.SIGTERM)
+
+    tiny_raw["train"]["steps"] = 2
+    spec = write_study(tmp_path, tiny_raw)
+    monkeypatch.setattr(train_module, "train", stopped)
+    with pytest.raises(StudyFailed) as info:
+        run_study(spec, trials=1)
+    assert info.value.exit_code == 143
+    monkeypatch.setattr(train_module, "train", real_train)
+    study = run_study(spec, trials=1)
+    origin, retry = study.trials[0], study.trials[-1]
+    assert origin.state == optuna.trial.TrialState.FAIL and "interrupted at step 1" in origin.user_attrs["interrupted"]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
+    assert retry.user_attrs.get("interrupted") is None  # cleared when the retry started
+    table = trials_table(study, spec).set_index("number")
+    assert "interrupted at step 1" in table.loc[0, "interrupted"]
+    assert table.loc[retry.number, "interrupted"] != table.loc[retry.number, "interrupted"]  # NaN: no reason shown

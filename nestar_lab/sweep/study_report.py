@@ -40,7 +40,9 @@ def trials_table(study: optuna.Study, spec: StudySpec):
         last = max(t.intermediate_values) if t.intermediate_values else None
         row["last_val_loss"] = t.intermediate_values[last] if last is not None else float("nan")
         row["last_val_loss_step"] = last
-        row.update({k: v for k, v in t.user_attrs.items() if k not in ("run_dir", "run_name")})
+        # a finished trial shows no reason to stop (a retry of an interrupted trial inherits its origin's)
+        hidden = {"run_dir", "run_name", *(("interrupted", "error") if t.state == TrialState.COMPLETE else ())}
+        row.update({k: v for k, v in t.user_attrs.items() if k not in hidden and v is not None})
         if t.datetime_start and t.datetime_complete:
             row["seconds"] = (t.datetime_complete - t.datetime_start).total_seconds()
         rows.append(row)

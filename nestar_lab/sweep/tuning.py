@@ -139,6 +139,9 @@ class Objective:
         origin = frozen.system_attrs.get("failed_trial")
         if origin is not None:
             trial.set_user_attr("retry_of", origin)
+            for inherited in ("interrupted", "error"):  # the origin's reason, copied by optuna's retry: it
+                if inherited in frozen.user_attrs:  # stays on the origin's row; this trial's own is set if it ends so
+                    trial.set_user_attr(inherited, None)
         overrides = trial_overrides(self.spec, trial)
         for b in self.spec.bracket:  # the arm's bracketed values, as this trial trained them
             if b.key in overrides:  # (an entry applies to some arms only: ``if:``)
