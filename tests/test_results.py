@@ -168,3 +168,21 @@ def test_table_reference_names_a_group_of_several_columns(tiny_raw, tmp_path, ca
     assert "2 groups (" in err and "name one with COL=VALUE" in err and len(err.splitlines()) == 1
     assert main(base + ["--reference", "seed=0"]) == 2
     assert "seed is not a --by column" in capsys.readouterr().err
+
+
+def test_table_reference_shows_metrics_only_and_names_the_constant_ones_once(tiny_raw, tmp_path, capsys):
+    """Config columns (``data.*``, ``distributed.*``, ``loggers``) were read as metrics, and metrics
+    with one value in every run filled the paired table with ``+0 [+0, +0], not resolved``."""
+    out_dir = seeded_rows(tiny_raw, tmp_path, {"0": [10.0, 11.0, 12.0], "1": [9.0, 10.5, 11.0]})
+    df = results.load(out_dir)
+    assert {"data.hflip", "data.num_workers", "distributed.backend", "loggers"} <= set(df.columns)
+    assert results.metric_columns(df) == ["fid_digits_cnn", "class_accuracy"]
+    assert main(["table", "--results-dir", out_dir, "--by", "coordination.weight", "--reference", "0"]) == 0
+    md = capsys.readouterr().out
+    assert "Δ fid_digits_cnn" in md and "class_accuracy |" not in md and "data." not in md
+    assert md.rstrip().endswith("The same in every run (left out): class_accuracy 0.9")
+    # asked for by name, a constant metric is shown
+    assert main(["table", "--results-dir", out_dir, "--by", "coordination.weight", "--reference", "0",
+                 "--metrics", "fid_digits_cnn,class_accuracy"]) == 0  # fmt: skip
+    md = capsys.readouterr().out
+    assert "Δ class_accuracy" in md and "left out" not in md

@@ -186,9 +186,11 @@ def table(
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    """Columns that are neither identifiers nor config knobs: the metrics."""
-    knobs = {*ID_COLUMNS, *PROVENANCE_COLUMNS, "name", "seed", "output_dir", "metrics", *COMPONENT_KINDS}
-    prefixes = tuple(f"{k}." for k in (*COMPONENT_KINDS, "flow", "train", "sample", "eval"))
+    """Columns that are neither identifiers nor config knobs (every field of the config, flattened
+    by :func:`flatten_config`: ``train.lr``, ``data.hflip``, ``modules.1.scale_module.depth``): the metrics."""
+    fields = tuple(ExperimentConfig.model_fields)
+    knobs = {*ID_COLUMNS, *PROVENANCE_COLUMNS, *fields}
+    prefixes = tuple(f"{k}." for k in fields)
     return [c for c in df.columns if c not in knobs and not str(c).startswith(prefixes)]
 
 

@@ -95,6 +95,8 @@ def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, m
         raise BadInput("--reference: no runs left after --where; nothing to compare")
     by_cols = [results.resolve_column(df, b) for b in by]
     metric_cols = [results.resolve_column(df, m) for m in metrics] if metrics else _numeric_metrics(df)
+    same = {} if metrics else _same_in_every_run(df, metric_cols)  # nothing to compare: named once below
+    metric_cols = [m for m in metric_cols if m not in same]
     groups = runs_by_group(df, by_cols)
     ref = find_reference(reference, groups, by_cols, df)  # a reference not in the results, named first
     check_one_run_per_seed(groups)
@@ -112,7 +114,22 @@ def compare(df: pd.DataFrame, where: list[str], by: list[str], reference: str, m
                          "diff_lo": d.lo if d else None, "diff_hi": d.hi if d else None,
                          "resolved": d.resolved if d else None,
                          "seeds_needed": d.seeds_needed if d else None})  # fmt: skip
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["same_in_every_run"] = same
+    return out
+
+
+def _same_in_every_run(df: pd.DataFrame, metric_cols: list[str]) -> dict[str, float]:
+    """The metrics every run has, with one value (the real data's own scores, the NFE of one
+    sampler): no difference to show, so the table names them once instead of a column of zeros."""
+    same = {}
+    for m in metric_cols:
+        values = pd.to_numeric(df[m], errors="coerce")
+        if values.notna().all() and values.nunique() == 1:
+            same[m] = float(values.iloc[0])
+    if len(same) == len(metric_cols):  # everything equal: show it all rather than an empty table
+        return {}
+    return same
 
 
 def _numeric_metrics(df: pd.DataFrame) -> list[str]:
@@ -139,7 +156,9 @@ def to_markdown(out: pd.DataFrame) -> str:
             lines.append(f"| {g} | " + " | ".join(_diff_cell(rows.loc[m]) for m in metrics) + " |")
     diffs = (f"Paired differences from {ref} (group minus reference over the seeds both have; "
              f"mean [95% t-interval]):\n\n" + "\n".join(lines))  # fmt: skip
-    return means + "\n\n" + diffs
+    same = out.attrs.get("same_in_every_run") or {}
+    tail = "\n\nThe same in every run (left out): " + ", ".join(f"{m} {_fmt(v)}" for m, v in same.items()) if same else ""
+    return means + "\n\n" + diffs + tail
 
 
 def _fmt(x: float) -> str:
