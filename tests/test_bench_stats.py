@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -431,3 +432,107 @@ def test_an_unknown_variant_is_refused_with_the_variants_it_may_mean(monkeypatch
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'NestAR' match no variant" in err and "did you mean 'NestAR k=4' or 'NestAR k=8'" in err
+
+
+def trained_store(tiny_raw, tmp_path, groups=(2, 4), seeds=(0, 1)):
+    """A results store of tiny trained runs: one per (k, seed), each with its run_dir."""
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run import results
+    from nestar_lab.run.train import train
+
+    tiny_raw["train"]["steps"] = 2
+    for k in groups:
+        for seed in seeds:
+            raw = {**tiny_raw, "seed": seed, "generator": {"name": "nestar", "params": {"k": k}}}
+            cfg = validate_config(raw)
+            run = train(cfg, tmp_path / f"k{k}-s{seed}", progress=False).run_dir
+            results.append_run(cfg, run, {"sec_per_image": 1.0}, "cpu")
+    return tiny_raw["output_dir"]
+
+
+def test_bench_retime_times_every_run_in_rotated_rounds_and_pairs_the_groups(tiny_raw, tmp_path, monkeypatch, capsys):
+    import bench_retime
+
+    store = trained_store(tiny_raw, tmp_path)
+    peaks = {"size": 8, "bf16": None, "fp32": 1e10}
+    monkeypatch.setattr(bench_retime, "matmul_peaks", lambda device, need_bf16=False: peaks)
+    order = []
+    real_time_runs = bench_retime.time_runs
+
+    def recording(runs, images, rounds, device):
+        timed = real_time_runs(runs, images, rounds, device)
+        order.extend(runs)
+        return timed
+
+    monkeypatch.setattr(bench_retime, "time_runs", recording)
+    out = tmp_path / "speed.md"
+    monkeypatch.setattr(sys, "argv", ["bench_retime.py", store, "--by", "generator.k", "--reference", "4", "--images",
+                                      "4", "--rounds", "2", "--out", str(out), "--section", "retime"])  # fmt: skip
+    bench_retime.main()
+    text = out.read_text()
+    assert "<!-- retime:start -->" in text and "results.csv` (4)" in text and "2 rounds" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith(("| 2", "| 4"))}
+    assert set(rows) == {"2", "4 (reference)"}, rows
+    assert "| 2 | " in rows["2"] and "(reference)" in rows["4 (reference)"]
+    assert "x [" in rows["2"] and "resolved" in rows["2"] and "| fp32 |" in rows["2"]
+    # another k is another schedule: its own sequential passes and FLOPs per image, from the runs
+    passes = {k: float(rows[k].split(" | ")[4]) for k in rows}
+    assert passes["2"] != passes["4 (reference)"] and all(p > 0 for p in passes.values())
+    assert len(order) == 2  # the two groups
+
+
+def test_bench_retime_rotates_the_order_each_round(monkeypatch):
+    import types
+
+    import bench_retime
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, labels, seed):
+            calls.append(self.name)
+            return types.SimpleNamespace(stats=types.SimpleNamespace(nfe_per_image=1, sequential_passes=1))
+
+    runs = {"a": {0: "a0", 1: "a1"}, "b": {0: "b0"}}
+    monkeypatch.setattr(bench_retime, "load_run_config", lambda d: types.SimpleNamespace(
+        model_copy=lambda update: None, train=types.SimpleNamespace(precision="fp32")))
+    monkeypatch.setattr(bench_retime, "load_trained", lambda d, cfg: types.SimpleNamespace(
+        device="cpu", dataset=types.SimpleNamespace(num_classes=2), name=d))
+    monkeypatch.setattr(bench_retime, "make_sampler", lambda exp: Fake(exp.name))
+    monkeypatch.setattr(bench_retime, "count_flops", lambda fn: (fn(), 8))
+    timed = bench_retime.time_runs(runs, 2, 3, __import__("torch").device("cpu"))
+    assert calls[:3] == ["a0", "a1", "b0"]  # the counted warm-up calls
+    assert calls[3:] == ["a0", "a1", "b0", "a1", "b0", "a0", "b0", "a0", "a1"]  # each round starts one later
+    assert set(timed) == {("a", 0), ("a", 1), ("b", 0)} and timed[("a", 0)]["flops"] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--by", "generator.k", "--reference", "3"], "--reference '3': no runs with generator.k = '3'"),
+    (["--by", "nope", "--reference", "4"], "no column 'nope'"),
+    (["--by", "generator.k", "--reference", "4", "--where", "seed=9"], "no runs (after --where)"),
+])  # fmt: skip
+def test_bench_retime_refuses_before_loading_a_model(argv, message, tiny_raw, tmp_path, monkeypatch):
+    import bench_retime
+
+    from nestar_lab.config.errors import BadInput
+    from nestar_lab.config.validation import validate_config
+    from nestar_lab.run import results
+
+    for k in (2, 4):
+        for seed in (0, 1):
+            cfg = validate_config({**tiny_raw, "seed": seed, "generator": {"name": "nestar", "params": {"k": k}}})
+            results.append_run(cfg, tmp_path / f"gone-k{k}-s{seed}", {"sec_per_image": 1.0}, "cpu")
+    monkeypatch.setattr(bench_retime, "load_trained", lambda *a, **kw: pytest.fail("work started"))
+    monkeypatch.setattr(sys, "argv", ["bench_retime.py", tiny_raw["output_dir"], *argv])
+    with pytest.raises((BadInput, KeyError), match=re.escape(message)):  # each one line under run_main
+        bench_retime.main()
+    monkeypatch.setattr(sys, "argv", ["bench_retime.py", tiny_raw["output_dir"], "--by", "generator.k",
+                                      "--reference", "4"])  # fmt: skip
+    with pytest.raises(BadInput, match=r"gone-k2-s0: no checkpoint.pt \(group 2, seed 0\)"):
+        bench_retime.main()
+    monkeypatch.setattr(sys, "argv", ["bench_retime.py", str(tmp_path / "nowhere"), "--by", "k", "--reference", "4"])
+    with pytest.raises(BadInput, match="nowhere: no such directory"):
+        bench_retime.main()
