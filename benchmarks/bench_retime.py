@@ -1,15 +1,16 @@
 """Sampling speed of a study's trained runs, re-timed in one quiet process, paired over seeds.
 
 A study's ``sec_per_image`` is timed where each trial ran: with ``--workers 2`` beside another
-worker's training, arm after arm (the arms run in blocks), sometimes in another session. Identical
-samplers then differ by several percent, and by arm (docs/benchmarks.md, the coordination
-ablation). This loads every run of a results store (a study's: ``runs/studies/NAME``), warms each
-sampler up with a FLOP-counted call, then times them in rounds, every run once per round and the
-order rotated each round, so drift and neighbours fall on every arm alike; a run's time is its
-median. The table gives each ``--by`` group's FLOPs, NFE and sequential passes per image, seconds
-per image (mean [95% t-interval] over seeds), its paired difference from ``--reference`` and the
-speed-up (reference time / group time: the geometric mean of the per-seed ratios, with its 95%
-interval), and the achieved GFLOP/s as a share of a matmul peak measured in the same run.
+worker's training, sometimes in another session, and (in studies queued before the seed-by-seed
+order of 2026-12-07) arm after arm. Identical samplers then differ by several percent, and by arm
+(docs/benchmarks.md, the coordination ablation). This loads every run of a results store (a
+study's: ``runs/studies/NAME``), warms each sampler up with a FLOP-counted call, then times them
+in rounds, every run once per round and the order rotated each round, so drift and neighbours
+fall on every arm alike; a run's time is its median. The table gives each ``--by`` group's FLOPs,
+NFE and sequential passes per image, seconds per image (mean [95% t-interval] over seeds), its
+paired difference from ``--reference`` and the speed-up (reference time / group time: the
+geometric mean of the per-seed ratios, with its 95% interval), and the achieved GFLOP/s as a
+share of a matmul peak measured in the same run.
 
     .venv/bin/python benchmarks/bench_retime.py runs/studies/k_ablation --by generator.k --reference 4 \\
         --section k_ablation_speed

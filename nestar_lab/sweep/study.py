@@ -22,9 +22,10 @@ A study file (YAML, in ``studies/``)::
     bracket: {key: train.lr, grid: [1.2e-3, 5.0e-3, 2.0e-2]}  # each arm at its own bracketed lr (bracket.py;
                                            # a list brackets several keys in turn, each with an optional if:)
 
-With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds and ``trials``
-defaults to every combination; ``nestar study report`` then prints each arm's paired difference
-from the reference arm over the seeds (``nestar_lab.sweep.paired``).
+With ``seeds``, ``seed`` joins the space, the arms are crossed with the seeds (queued seed by seed:
+every arm's seed 0, then seed 1, ...) and ``trials`` defaults to every combination; ``nestar study
+report`` then prints each arm's paired difference from the reference arm over the seeds
+(``nestar_lab.sweep.paired``).
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ class StudySpec(Strict):
         space["seed"] = given or {"choices": seeds}
         arms = list(raw.get("arms") or [])
         if arms and not all(isinstance(a, dict) and "seed" in a for a in arms):
-            arms = [{**a, "seed": x} for a in arms if isinstance(a, dict) for x in seeds]
+            # seed by seed (every arm's seed 0, then seed 1, ...): a study stopped part-way holds
+            # complete pairs, and what drifts while it runs (the machine, a neighbour) falls on every arm
+            arms = [{**a, "seed": x} for x in seeds for a in arms if isinstance(a, dict)]
         trials = raw.get("trials")
         if trials is None:
             grid = [len(v.get("choices") or []) for k, v in space.items() if isinstance(v, dict)]
