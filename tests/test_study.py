@@ -593,3 +593,38 @@ def test_a_resumed_trial_keeps_its_origins_stop_reason_off_its_own_row(tmp_path,
     table = trials_table(study, spec).set_index("number")
     assert "interrupted at step 1" in table.loc[0, "interrupted"]
     assert table.loc[retry.number, "interrupted"] != table.loc[retry.number, "interrupted"]  # NaN: no reason shown
+
+
+CLAIM = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import optuna
+from nestar_lab.sweep.storage import make_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+url, start, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+study = optuna.load_study(study_name="claims", storage=make_storage(url))
+while time.time() < start:
+    time.sleep(0.001)
+json.dump([study.ask().number for _ in range(10)], open(out, "w"))
+"""
+
+
+def test_workers_starting_together_never_claim_the_same_queued_trial(tmp_path):
+    """SQLite ignores optuna's SELECT ... FOR UPDATE, so two workers could both read a queued trial
+    as WAITING and both run it (seen in the k ablation: the second failed it, its run directory
+    locked by the first). Four processes claim 40 queued trials at the same instant: each once."""
+    from nestar_lab.sweep.storage import make_storage
+
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=make_storage(url))
+    for i in range(40):
+        study.enqueue_trial({"x": i})
+    start = time.time() + 4  # after every process has imported and connected
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, url, str(start), str(tmp_path / f"{w}.json")], env=env)
+             for w in range(4)]  # fmt: skip
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    import json
+
+    claimed = [n for w in range(4) for n in json.loads((tmp_path / f"{w}.json").read_text())]
+    assert sorted(claimed) == list(range(40))  # every queued trial once, none twice, none sampled anew

@@ -45,10 +45,44 @@ def _retry_callback():
     return _RETRY(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
 
 
+def _serialise_sqlite(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna claims a queued trial by reading it ``FOR UPDATE`` and setting it RUNNING if it was
+    still WAITING; SQLite ignores ``FOR UPDATE``, so two workers starting together could both
+    read WAITING and both run the same trial (one then failed it: its run directory was locked
+    by the other). Taken at ``BEGIN``, the lock makes the read and the write one step."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN (deferred) is off
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (table creation) are not reused
+
+
 class _RDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage (heartbeats in its own table, timed by the database's clock), which
     also fails a RUNNING trial that never sent a heartbeat (its worker died between creating
-    the trial and the first beat) once it started longer than the grace period ago."""
+    the trial and the first beat) once it started longer than the grace period ago. On SQLite
+    every transaction holds the write lock from its start (:func:`_serialise_sqlite`)."""
+
+    def __init__(self, url: str, **kwargs) -> None:
+        sqlite = url.startswith("sqlite")
+        if sqlite:  # a worker waits for the lock (BEGIN IMMEDIATE) up to a minute, not the driver's 5 s
+            kwargs.setdefault("engine_kwargs", {"connect_args": {"timeout": 60}})
+        super().__init__(url, **kwargs)
+        if sqlite:
+            _serialise_sqlite(self.engine)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.url.startswith("sqlite"):
+            _serialise_sqlite(self.engine)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
