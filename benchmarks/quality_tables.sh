@@ -82,10 +82,19 @@ if wanted headline; then
         --seeds $ten "${common[@]}" --summary-only
 fi
 
+# the ablations whose speed is an objective: seconds per image re-timed in one process once every
+# trial is done (a --workers study times each trial beside the other worker; bench_retime.py)
+declare -A RETIME=([k_ablation]="--by generator.k --reference 4"
+                   [first_module_ablation]="--by modules.1.scale_module.depth --reference 3")
 for study in coordination_ablation k_ablation first_module_ablation; do
     if wanted "$study"; then
         "$NESTAR" study run "$study" --workers 2 2>&1 | tee -a "$LOGS/$study.log"
         "$NESTAR" study report "$study" > "$LOGS/$study.report.md"
         echo "$study: report in $LOGS/$study.report.md and runs/studies/$study/report/" >&2
+        if [ -n "${RETIME[$study]:-}" ]; then
+            # shellcheck disable=SC2086  # the arguments split on purpose
+            OMP_NUM_THREADS=1 "$PY" benchmarks/bench_retime.py "runs/studies/$study" ${RETIME[$study]} \
+                --device "$DEVICE" --section "${study}_speed" 2>&1 | tee -a "$LOGS/$study.log"
+        fi
     fi
 done

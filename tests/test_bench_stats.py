@@ -378,14 +378,20 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
     assert more[1].startswith("py benchmarks/bench_quality.py --variants NestAR k=4 --seeds 0,1,2,3,4,5,6,7,8,9 ")
     assert all("--device cuda" in line for line in lines[:5]) and "--summary-only" in lines[4]
     assert "--seeds 0,1,2,3,4,5,6,7,8,9" in lines[4]
-    assert lines[5:] == [f"nestar study {verb} {s}{' --workers 2' if verb == 'run' else ''}"
-                         for s in ("coordination_ablation", "k_ablation", "first_module_ablation")
-                         for verb in ("run", "report")]  # fmt: skip
+    retime = {"k_ablation": "--by generator.k --reference 4",
+              "first_module_ablation": "--by modules.1.scale_module.depth --reference 3"}  # speed is an objective
+    expected = []
+    for study in ("coordination_ablation", "k_ablation", "first_module_ablation"):
+        expected += [f"nestar study run {study} --workers 2", f"nestar study report {study}"]
+        if study in retime:
+            expected.append(f"py benchmarks/bench_retime.py runs/studies/{study} {retime[study]} --device cuda "
+                            f"--section {study}_speed")  # fmt: skip
+    assert lines[5:] == expected
     assert (tmp_path / "logs" / "k_ablation.report.md").is_file()
     calls.unlink()
     subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env={**env, "ONLY": "k_ablation"},
                    check=True, capture_output=True)  # fmt: skip
-    assert calls.read_text().splitlines() == ["nestar study run k_ablation --workers 2", "nestar study report k_ablation"]
+    assert calls.read_text().splitlines() == expected[2:5]  # k_ablation's run, report and re-timing
 
     import fcntl
 
@@ -394,7 +400,7 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
         second = subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env=env, capture_output=True,
                                 text=True)  # fmt: skip
     assert second.returncode == 1 and "another one is running" in second.stderr
-    assert calls.read_text().splitlines()[-1] == "nestar study report k_ablation"  # it started nothing
+    assert calls.read_text().splitlines()[-1].endswith("--section k_ablation_speed")  # it started nothing
 
 
 def test_a_stopped_quality_tables_script_stops_both_processes_and_says_so(tmp_path):
