@@ -157,8 +157,9 @@ def to_markdown(out: pd.DataFrame) -> str:
     diffs = (f"Paired differences from {ref} (group minus reference over the seeds both have; "
              f"mean [95% t-interval]):\n\n" + "\n".join(lines))  # fmt: skip
     same = out.attrs.get("same_in_every_run") or {}
-    tail = "\n\nThe same in every run (left out): " + ", ".join(f"{m} {_fmt(v)}" for m, v in same.items()) if same else ""
-    return means + "\n\n" + diffs + tail
+    if same:
+        diffs += "\n\nThe same in every run (left out): " + ", ".join(f"{m} {_fmt(v)}" for m, v in same.items())
+    return means + "\n\n" + diffs
 
 
 def _fmt(x: float) -> str:
