@@ -43,9 +43,11 @@ from nestar_lab.sweep.compare import check_one_run_per_seed, find_reference, run
 from nestar_lab.sweep.paired import differences
 
 
-def runs_to_time(store: str, by: list[str], reference: str, where: list[str]) -> tuple[dict, str, list[str]]:
-    """``{group: {seed: run_dir}}``, the reference group and the ``--by`` columns; bad input is one
-    line before anything is loaded."""
+def runs_to_time(store: str, by: list[str], reference: str, where: list[str],
+                 quality: str | None = None) -> tuple[dict, str, list[str], dict]:  # fmt: skip
+    """``{group: {seed: run_dir}}``, the reference group, the ``--by`` columns and (``quality``: a
+    metric of the store, for the plot) ``{group: {seed: value}}``; bad input is one line before
+    anything is loaded."""
     if not Path(store).is_dir():
         raise BadInput(f"{store}: no such directory (a results store, e.g. runs/studies/k_ablation)")
     df = results.select(results.load(store), where)
@@ -55,6 +57,7 @@ def runs_to_time(store: str, by: list[str], reference: str, where: list[str]) ->
     if "run_dir" not in df.columns:
         raise BadInput(f"{results.results_path(store)}: no run_dir column; its rows cannot be loaded again")
     by_cols = [results.resolve_column(df, b) for b in by]
+    quality_col = results.resolve_column(df, quality) if quality else None
     groups = runs_by_group(df, by_cols)
     ref = find_reference(reference, groups, by_cols, df)
     check_one_run_per_seed(groups)
@@ -64,7 +67,8 @@ def runs_to_time(store: str, by: list[str], reference: str, where: list[str]) ->
             if not (d / "checkpoint.pt").is_file():
                 raise BadInput(f"{d}: no checkpoint.pt (group {label}, seed {seed}); "
                                f"the store lists a run that is gone")  # fmt: skip
-    return runs, ref, by_cols
+    scores = {label: rows[quality_col].to_dict() for label, (_, rows) in groups.items()} if quality_col else {}
+    return runs, ref, by_cols, scores
 
 
 def time_runs(runs: dict, images: int, rounds: int, device: torch.device) -> dict:
@@ -136,10 +140,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=positive, default=5, help="timed calls per run, one per round (default 5)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw each group's --quality against its re-timed ms per image, means with 95%% "
+                         "intervals (the study report's arms.png, with these times)")  # fmt: skip
+    ap.add_argument("--quality", default="fid_digits_cnn", help="the store's metric on the plot's other axis")
     ap.add_argument("--section", default=None, help="write the table into this marked section of --out "
                                                      "(default: print it only)")  # fmt: skip
     args = ap.parse_args()
-    runs, ref, by_cols = runs_to_time(args.store, [b.strip() for b in args.by.split(",")], args.reference, args.where)
+    by = [b.strip() for b in args.by.split(",")]
+    runs, ref, by_cols, scores = runs_to_time(args.store, by, args.reference, args.where, args.plot and args.quality)
     device = pick_device(args.device)
     count = sum(len(s) for s in runs.values())
     load = os.getloadavg()[0]  # what else ran on the cores, for the caption
@@ -160,6 +169,15 @@ def main() -> None:
     if args.section:
         write_section(Path(args.out), args.section, body)
         print(f"wrote section {args.section} of {args.out}")
+    if args.plot:
+        from nestar_lab.sweep.plots import plot_arms
+
+        ms = "ms per image (re-timed)"
+        arms = {label: {seed: {args.quality: scores[label].get(seed, math.nan),
+                               ms: 1e3 * timed[(label, seed)]["sec_per_image"]} for seed in seeds}
+                for label, seeds in runs.items()}  # fmt: skip
+        drawn = plot_arms(arms, [args.quality, ms], ref, Path(args.plot))
+        print(f"wrote {drawn}" if drawn else "no plot: no group has two seeds")
 
 
 if __name__ == "__main__":

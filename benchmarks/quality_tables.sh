@@ -94,7 +94,8 @@ for study in coordination_ablation k_ablation first_module_ablation; do
         if [ -n "${RETIME[$study]:-}" ]; then
             # shellcheck disable=SC2086  # the arguments split on purpose
             OMP_NUM_THREADS=1 "$PY" benchmarks/bench_retime.py "runs/studies/$study" ${RETIME[$study]} \
-                --device "$DEVICE" --section "${study}_speed" 2>&1 | tee -a "$LOGS/$study.log"
+                --device "$DEVICE" --section "${study}_speed" --plot "runs/studies/$study/report/arms_retimed.png" \
+                2>&1 | tee -a "$LOGS/$study.log"
         fi
     fi
 done

@@ -385,7 +385,7 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
         expected += [f"nestar study run {study} --workers 2", f"nestar study report {study}"]
         if study in retime:
             expected.append(f"py benchmarks/bench_retime.py runs/studies/{study} {retime[study]} --device cuda "
-                            f"--section {study}_speed")  # fmt: skip
+                            f"--section {study}_speed --plot runs/studies/{study}/report/arms_retimed.png")  # fmt: skip
     assert lines[5:] == expected
     assert (tmp_path / "logs" / "k_ablation.report.md").is_file()
     calls.unlink()
@@ -400,7 +400,7 @@ def test_the_quality_tables_script_runs_the_headline_then_the_ablations_in_order
         second = subprocess.run(["bash", str(root / "benchmarks" / "quality_tables.sh")], env=env, capture_output=True,
                                 text=True)  # fmt: skip
     assert second.returncode == 1 and "another one is running" in second.stderr
-    assert calls.read_text().splitlines()[-1].endswith("--section k_ablation_speed")  # it started nothing
+    assert calls.read_text().splitlines()[-1] == expected[4]  # it started nothing
 
 
 def test_a_stopped_quality_tables_script_stops_both_processes_and_says_so(tmp_path):
@@ -473,8 +473,10 @@ def test_bench_retime_times_every_run_in_rotated_rounds_and_pairs_the_groups(tin
     monkeypatch.setattr(bench_retime, "time_runs", recording)
     out = tmp_path / "speed.md"
     monkeypatch.setattr(sys, "argv", ["bench_retime.py", store, "--by", "generator.k", "--reference", "4", "--images",
-                                      "4", "--rounds", "2", "--out", str(out), "--section", "retime"])  # fmt: skip
+                                      "4", "--rounds", "2", "--out", str(out), "--section", "retime", "--plot",
+                                      str(tmp_path / "arms.png"), "--quality", "sec_per_image"])  # fmt: skip
     bench_retime.main()
+    assert (tmp_path / "arms.png").stat().st_size > 1000  # each k's stored metric against its re-timed speed
     text = out.read_text()
     assert "<!-- retime:start -->" in text and "results.csv` (4)" in text and "2 rounds" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith(("| 2", "| 4"))}
@@ -519,6 +521,7 @@ def test_bench_retime_rotates_the_order_each_round(monkeypatch):
     (["--by", "generator.k", "--reference", "3"], "--reference '3': no runs with generator.k = '3'"),
     (["--by", "nope", "--reference", "4"], "no column 'nope'"),
     (["--by", "generator.k", "--reference", "4", "--where", "seed=9"], "no runs (after --where)"),
+    (["--by", "generator.k", "--reference", "4", "--plot", "a.png", "--quality", "fid"], "no column 'fid'"),
 ])  # fmt: skip
 def test_bench_retime_refuses_before_loading_a_model(argv, message, tiny_raw, tmp_path, monkeypatch):
     import bench_retime
