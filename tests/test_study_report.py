@@ -60,3 +60,28 @@ def test_grid_edges_say_whether_a_weight_is_bracketed():
     assert "coordination.params.weight (coordination.name=vm): best fid at 0.1 of [0.01, 0.1, 1.0], inside" in text
     assert "coordination.params.weight (coordination.name=dm): best fid at 1 of [0.01, 0.1, 1.0], at the grid's edge" in text
     assert "none" not in text  # an arm without the key is not a point of its grid
+
+
+def test_a_speed_timed_by_several_processes_says_how_to_time_it_in_one():
+    import pandas as pd
+
+    from nestar_lab.sweep.study import StudySpec
+    from nestar_lab.sweep.study_report import paired_table, timing_note
+
+    spec = StudySpec.model_validate({
+        "name": "k", "base": "b.yaml", "seeds": [0, 1], "output_dir": "runs/studies",
+        "objectives": [{"metric": "fid_digits_cnn"}, {"metric": "sec_per_image"}],
+        "space": {"generator.params.k": {"choices": [2, 4]}},
+        "arms": [{"generator.params.k": 4}, {"generator.params.k": 2}],
+    })  # fmt: skip
+    rows = [{"state": "COMPLETE", "param:generator.params.k": k, "param:seed": s, "worker": f"vm:{100 + s}",
+             "objective:fid_digits_cnn": 3.0 + s, "objective:sec_per_image": 0.004 + 0.001 * k}
+            for k in (4, 2) for s in (0, 1)]  # fmt: skip
+    table = pd.DataFrame(rows)
+    note = timing_note(table, spec)
+    assert "sec_per_image were timed inside each trial, by 2 processes" in note
+    assert note.endswith("bench_retime.py runs/studies/k --by generator.k --reference 4`.")
+    assert note in paired_table(table, spec)
+    assert timing_note(table.assign(worker="vm:1"), spec) is None  # one process timed them all
+    quality_only = spec.model_copy(update={"objectives": spec.objectives[:1]})
+    assert timing_note(table, quality_only) is None  # no speed objective

@@ -95,7 +95,7 @@ def paired_table(table: pd.DataFrame, spec: StudySpec, study: optuna.Study | Non
             cells.append(diff.cell(3, o.direction == "minimize"))
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     head = f"Paired differences from {ref_label} (arm minus reference, per seed; mean [95% t-interval]):\n\n"
-    notes = [n for n in (brackets_note(spec, study), grid_edges(done_rows(table), spec)) if n]
+    notes = [n for n in (brackets_note(spec, study), grid_edges(done_rows(table), spec), timing_note(table, spec)) if n]
     return ("Each arm over its seeds (mean [95% t-interval]):\n\n" + "\n".join(means) + "\n\n"
             + head + "\n".join(lines) + "".join(f"\n\n{n}" for n in notes))
 
@@ -127,6 +127,28 @@ def brackets_note(spec: StudySpec, study: optuna.Study) -> str | None:
                      f"seed {b.seed}, scored by {spec.objectives[0].metric} on {b.samples_per_class} samples per "
                      f"class{then}):\n\n" + "\n".join(lines))  # fmt: skip
     return "\n\n".join(notes)
+
+
+TIMINGS = ("sec_per_image", "images_per_sec")  # objectives timed inside each trial
+
+
+def timing_note(table: pd.DataFrame, spec: StudySpec) -> str | None:
+    """A timing objective measured by several processes (``--workers`` side by side, each beside
+    another's training, or resumed in another session): how to re-time it in one."""
+    timed = [o.metric for o in spec.objectives if o.metric in TIMINGS]
+    done = done_rows(table)
+    workers = done["worker"].nunique() if "worker" in done else 0
+    if not timed or workers < 2:
+        return None
+    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
+    columns = {key: key.replace(".params.", ".") for key in reference}  # the results store's column names
+    by = ",".join(columns.values())
+    ref = next(iter(reference.values())) if len(reference) == 1 else ",".join(
+        f"{columns[k]}={v}" for k, v in reference.items())  # fmt: skip
+    return (f"{' and '.join(timed)} were timed inside each trial, by {workers} processes (side by side with "
+            f"--workers, or in different sessions): identical samplers differ by several percent between such "
+            f"timings. Timed again in one process, in rotated rounds: `.venv/bin/python benchmarks/bench_retime.py "
+            f"{spec.study_dir} --by {by} --reference {ref}`.")
 
 
 def done_rows(table: pd.DataFrame) -> pd.DataFrame:
