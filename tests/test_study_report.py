@@ -60,6 +60,10 @@ def test_grid_edges_say_whether_a_weight_is_bracketed():
     assert "coordination.params.weight (coordination.name=vm): best fid at 0.1 of [0.01, 0.1, 1.0], inside" in text
     assert "coordination.params.weight (coordination.name=dm): best fid at 1 of [0.01, 0.1, 1.0], at the grid's edge" in text
     assert "none" not in text  # an arm without the key is not a point of its grid
+    counts = spec.model_copy(update={"space": {"generator.params.k": {"choices": [2, 4, 8]}}})
+    rows = [{"state": "COMPLETE", "param:generator.params.k": k, "param:seed": s, "objective:fid": 10 - k} for k in (2, 4, 8)
+            for s in (0, 1)]  # fmt: skip
+    assert grid_edges(pd.DataFrame(rows), StudySpec.model_validate(counts.model_dump())) is None  # k=8 is no "edge"
 
 
 def test_a_speed_timed_by_several_processes_says_how_to_time_it_in_one():
@@ -85,3 +89,27 @@ def test_a_speed_timed_by_several_processes_says_how_to_time_it_in_one():
     assert timing_note(table.assign(worker="vm:1"), spec) is None  # one process timed them all
     quality_only = spec.model_copy(update={"objectives": spec.objectives[:1]})
     assert timing_note(table, quality_only) is None  # no speed objective
+
+
+def test_an_arm_reads_the_same_while_trials_wait():
+    """A waiting trial's NaN turns the table's k column into floats (4.0): the reference arm k=4
+    went missing ("no completed trials of the reference arm") while the study ran."""
+    import pandas as pd
+
+    from nestar_lab.sweep.study import StudySpec
+    from nestar_lab.sweep.study_report import arm_label, arms_by_seed, paired_table
+
+    spec = StudySpec.model_validate({
+        "name": "k", "base": "b.yaml", "seeds": [0, 1], "objectives": [{"metric": "fid"}],
+        "space": {"generator.params.k": {"choices": [2, 4]}},
+        "arms": [{"generator.params.k": 4}, {"generator.params.k": 2}],
+    })  # fmt: skip
+    rows = [{"state": "COMPLETE", "param:generator.params.k": k, "param:seed": s, "objective:fid": 3.0 + s + k}
+            for k in (4, 2) for s in (0, 1)]  # fmt: skip
+    rows.append({"state": "WAITING"})
+    table = pd.DataFrame(rows)
+    assert table["param:generator.params.k"].dtype == float
+    arms, reference = arms_by_seed(table, spec)
+    assert reference == "generator.params.k=4" and set(arms) == {"generator.params.k=4", "generator.params.k=2"}
+    assert "| generator.params.k=2 | 2 | -2.000 [" in paired_table(table, spec)
+    assert arm_label({"w": 0.005, "x": 1.0, "on": True, "name": "none"}) == "w=0.005, x=1, on=True, name=none"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,8 +60,16 @@ def trials_table(study: optuna.Study, spec: StudySpec):
 
 
 def arm_label(params: dict[str, Any]) -> str:
-    """An arm's name in the paired table: its searched values but the seed, ``key=value, ...``."""
-    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("seed", "eval.seed")) or "(base)"
+    """An arm's name in the paired table: its searched values but the seed, ``key=value, ...``; a
+    number reads the same whatever its type (a trials table with a waiting trial holds k=4 as 4.0)."""
+    return ", ".join(f"{k}={_shown(v)}" for k, v in params.items() if k not in ("seed", "eval.seed")) or "(base)"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
 def paired_table(table: pd.DataFrame, spec: StudySpec, study: optuna.Study | None = None) -> str | None:
@@ -156,7 +165,7 @@ def done_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def grid_edges(done: pd.DataFrame, spec: StudySpec) -> str | None:
-    """For each searched numeric key with three or more choices (a weight, a learning rate): the
+    """For each searched real-valued key with three or more choices (a weight, a learning rate): the
     value with the best mean first objective, per setting of the other searched keys, and whether
     it lies inside the grid (bracketed) or at its edge (the optimum may lie beyond)."""
     objective = spec.objectives[0]
@@ -166,6 +175,8 @@ def grid_edges(done: pd.DataFrame, spec: StudySpec) -> str | None:
         choices = space.choices or []
         numeric = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
         if key == "seed" or len(numeric) < 3 or len(numeric) != len(choices) or f"param:{key}" not in done:
+            continue
+        if all(isinstance(c, int) for c in numeric):  # a count (k, a depth): its grid is the question, not a search
             continue
         others = [c for c in done.columns if c.startswith("param:") and c not in (f"param:{key}", "param:seed")]
         rows = done[done[f"param:{key}"].notna()]
