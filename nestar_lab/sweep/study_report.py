@@ -149,7 +149,7 @@ def timing_note(table: pd.DataFrame, spec: StudySpec) -> str | None:
     workers = done["worker"].nunique() if "worker" in done else 0
     if not timed or workers < 2:
         return None
-    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
+    reference = reference_arm(spec)
     columns = {key: key.replace(".params.", ".") for key in reference}  # the results store's column names
     by = ",".join(columns.values())
     ref = next(iter(reference.values())) if len(reference) == 1 else ",".join(
@@ -158,6 +158,11 @@ def timing_note(table: pd.DataFrame, spec: StudySpec) -> str | None:
             f"--workers, or in different sessions): identical samplers differ by several percent between such "
             f"timings. Timed again in one process, in rotated rounds: `.venv/bin/python benchmarks/bench_retime.py "
             f"{spec.study_dir} --by {by} --reference {ref}`.")
+
+
+def reference_arm(spec: StudySpec) -> dict[str, Any]:
+    """The arm the paired table compares with: ``spec.reference``, default the first arm (no seed)."""
+    return spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
 
 
 def done_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -202,7 +207,7 @@ def arms_by_seed(table: pd.DataFrame, spec: StudySpec) -> tuple[dict[str, dict[i
     for _, row in done.iterrows():
         params = {k[len("param:"):]: row[k] for k in keys if row[k] == row[k]}  # NaN: a key not searched here
         arms.setdefault(arm_label(params), {})[int(row["param:seed"])] = row
-    reference = spec.reference or {k: v for k, v in (spec.arms[0] if spec.arms else {}).items() if k != "seed"}
+    reference = reference_arm(spec)
     return arms, arm_label(reference) if reference else next(iter(arms), None)
 
 
