@@ -84,7 +84,8 @@ def test_a_speed_timed_by_several_processes_says_how_to_time_it_in_one():
     table = pd.DataFrame(rows)
     note = timing_note(table, spec)
     assert "sec_per_image were timed inside each trial, by 2 processes" in note
-    assert note.endswith("bench_retime.py runs/studies/k --by generator.k --reference 4`.")
+    assert note.endswith("`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_retime.py runs/studies/k"
+                         " --by generator.k --reference 4`.")
     assert note in paired_table(table, spec)
     assert timing_note(table.assign(worker="vm:1"), spec) is None  # one process timed them all
     quality_only = spec.model_copy(update={"objectives": spec.objectives[:1]})

@@ -53,6 +53,12 @@ def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return flat
 
 
+def column_of(key: str) -> str:
+    """The results column a config override key lands in (``flatten_config``'s naming): a plugin's
+    params lose their ``params`` level, ``generator.params.k`` -> ``generator.k``."""
+    return key.replace(".params.", ".")
+
+
 def _module_columns(modules: dict[str, Any]) -> dict[str, Any]:
     """The ``modules:`` entries as columns, in the shared parts' style: a changed plugin name as
     ``modules.N.part``, a param as ``modules.N.part.param``, guidance as ``modules.N.cfg_scale``."""

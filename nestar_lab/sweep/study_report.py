@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
+from nestar_lab.run import results
 from nestar_lab.sweep.storage import check_storage, open_study
 from nestar_lab.sweep.study import StudySpec
 
@@ -150,14 +151,14 @@ def timing_note(table: pd.DataFrame, spec: StudySpec) -> str | None:
     if not timed or workers < 2:
         return None
     reference = reference_arm(spec)
-    columns = {key: key.replace(".params.", ".") for key in reference}  # the results store's column names
+    columns = {key: results.column_of(key) for key in reference}
     by = ",".join(columns.values())
     ref = next(iter(reference.values())) if len(reference) == 1 else ",".join(
         f"{columns[k]}={v}" for k, v in reference.items())  # fmt: skip
     return (f"{' and '.join(timed)} were timed inside each trial, by {workers} processes (side by side with "
             f"--workers, or in different sessions): identical samplers differ by several percent between such "
-            f"timings. Timed again in one process, in rotated rounds: `.venv/bin/python benchmarks/bench_retime.py "
-            f"{spec.study_dir} --by {by} --reference {ref}`.")
+            f"timings. Timed again in one process, in rotated rounds: `OMP_NUM_THREADS=1 .venv/bin/python "
+            f"benchmarks/bench_retime.py {spec.study_dir} --by {by} --reference {ref}`.")
 
 
 def reference_arm(spec: StudySpec) -> dict[str, Any]:
